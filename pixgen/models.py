@@ -1,0 +1,92 @@
+"""Network definitions by name, device choice, and the model asset (a folder: weights + metadata).
+
+Networks take pixels in [0, 1] (no input normalisation), so attack budgets are in pixel units.
+All are nn.Sequential of Conv2d/Linear/ReLU/Flatten (and BatchNorm2d, MaxPool2d), the form the
+convex-adversarial library can bound.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import PixgenError, __version__
+
+WEIGHTS = "state_dict.pt"
+META = "meta.json"
+
+
+def _wk_small(bn: bool) -> nn.Sequential:
+    def block(cin, cout):
+        layers = [nn.Conv2d(cin, cout, 4, stride=2, padding=1)]
+        return layers + ([nn.BatchNorm2d(cout)] if bn else []) + [nn.ReLU()]
+
+    return nn.Sequential(*block(1, 16), *block(16, 32), nn.Flatten(), nn.Linear(32 * 7 * 7, 100), nn.ReLU(), nn.Linear(100, 10))
+
+
+def _madry_cnn() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 7 * 7, 1024), nn.ReLU(), nn.Linear(1024, 10),
+    )  # fmt: skip
+
+
+ARCHS = {
+    "wk-small": lambda: _wk_small(bn=False),
+    "wk-small-bn": lambda: _wk_small(bn=True),
+    "madry-cnn": _madry_cnn,
+}
+
+
+def build(arch: str) -> nn.Sequential:
+    if arch not in ARCHS:
+        raise PixgenError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    return ARCHS[arch]()
+
+
+def device() -> torch.device:
+    """CUDA when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save(folder: str | Path, model: nn.Module, meta: dict) -> None:
+    """Write weights, then metadata: a folder whose meta.json says complete has its final weights."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic_write(folder / WEIGHTS, lambda p: torch.save(model.state_dict(), p))
+    meta = {"pixgen_version": __version__, "stage": "train", **meta}
+    _atomic_write(folder / META, lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True)))
+
+
+def read_meta(folder: str | Path) -> dict:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PixgenError(f"model {folder} does not exist; train it first (pixgen train) or check the path")
+    try:
+        meta = json.loads((folder / META).read_text())
+    except (OSError, ValueError):
+        raise PixgenError(f"{folder} is not a pixgen model (no readable {META}); pass a folder made by pixgen train") from None
+    if meta.get("stage") != "train" or "arch" not in meta:
+        raise PixgenError(f"{folder} is not a pixgen model ({META} has no train stage); pass a folder made by pixgen train")
+    return meta
+
+
+def load(folder: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Sequential, dict]:
+    """A complete model asset as (network in eval mode, metadata)."""
+    meta = read_meta(folder)
+    if not meta.get("complete"):
+        raise PixgenError(f"model {folder} is not finished training; rerun its pixgen train command")
+    model = build(meta["arch"])
+    model.load_state_dict(torch.load(Path(folder) / WEIGHTS, map_location=map_location, weights_only=True))
+    return model.eval(), meta

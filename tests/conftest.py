@@ -1,0 +1,37 @@
+"""Shared fixtures: the real raw-data root (../shared/data beside the repo unless PIXGEN_DATA_ROOT
+says otherwise) and the CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_root() -> Path:
+    root = Path(os.environ.get("PIXGEN_DATA_ROOT") or SHARED_DATA)
+    if not (root / "MNIST" / "raw").is_dir():
+        pytest.exit(f"no MNIST under {root}; set PIXGEN_DATA_ROOT to a torchvision-layout root", returncode=2)
+    os.environ["PIXGEN_DATA_ROOT"] = str(root)
+    return root
+
+
+def pixgen(*args: str, check: bool = True, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess (so kills, exit codes and stderr are the user's)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pixgen", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        **kwargs,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pixgen {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
