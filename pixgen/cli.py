@@ -48,5 +48,23 @@ def info(path):
     click.echo(assets.describe(path))
 
 
+@cli.command()
+@click.argument("path", type=click.Path())
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="PNG file to write.")
+@click.option("--array", default="images", help="Image array of the asset (first axis the sample; shards: epoch 0).")
+@click.option("--count", type=click.IntRange(1), default=64, help="How many images, from the first.")
+@click.option("--ncol", type=click.IntRange(1), default=16, help="Images per row.")
+def grid(path, out, array, count, ncol):
+    """Save a grid of an asset's first images as a PNG, to look at them."""
+    from .grids import save_grid
+
+    group = assets.open_asset(path)
+    if array not in group:
+        raise PixgenError(f"{path} has no array {array!r}; it has {', '.join(sorted(group.array_keys()))}")
+    arr = group[array]
+    images = arr[0, :count] if arr.ndim == 4 else arr[:count]
+    click.echo(f"wrote {save_grid(images, out, ncol)}")
+
+
 def main():
     cli(prog_name="pixgen")
