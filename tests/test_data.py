@@ -1,0 +1,56 @@
+"""Raw data access: the data-root rules, the offline error, balanced subsets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pixgen import PixgenError, data
+
+
+def test_loads_full_mnist_from_data_root(data_root):
+    images, labels = data.load("mnist", "test", root=data_root)
+    assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    fashion, _ = data.load("fashion-mnist", "test", root=data_root)
+    assert fashion.shape == (10000, 28, 28) and not np.array_equal(fashion[:100], images[:100])
+
+
+def test_root_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("PIXGEN_DATA_ROOT", str(tmp_path / "env"))
+    assert data.data_root(tmp_path / "opt") == tmp_path / "opt"
+    assert data.data_root() == tmp_path / "env"
+    monkeypatch.delenv("PIXGEN_DATA_ROOT")
+    assert str(data.data_root()) == "data/raw"
+
+
+def test_missing_data_names_folder_and_files(monkeypatch, tmp_path):
+    # No network in tests: make torchvision's download fail the way it does offline.
+    import torchvision.datasets.utils as tvu
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(tvu, "_get_redirect_url", offline)
+    monkeypatch.setattr(tvu, "_urlretrieve", offline)
+    with pytest.raises(PixgenError) as err:
+        data.load("mnist", "train", root=tmp_path)
+    msg = str(err.value)
+    assert str(tmp_path / "MNIST" / "raw") in msg and "train-images-idx3-ubyte" in msg and "\n" not in msg
+
+
+def test_balanced_subset_is_fixed_and_balanced(data_root):
+    _, labels = data.load("mnist", "train", root=data_root)
+    a = data.balanced_subset(labels, 1003, seed=0)
+    assert len(a) == 1003 and len(np.unique(a)) == 1003
+    counts = np.bincount(labels[a])
+    assert counts.max() - counts.min() <= 1
+    assert np.array_equal(a, data.balanced_subset(labels, 1003, seed=0))
+    assert not np.array_equal(a, data.balanced_subset(labels, 1003, seed=1))
+    assert len(data.balanced_subset(labels, None)) == len(labels)
+
+
+def test_dataset_identity_tracks_content(data_root):
+    images, labels = data.load("mnist", "test", root=data_root)
+    assert data.identity(images[:100], labels[:100]) == data.identity(images[:100].copy(), labels[:100].copy())
+    assert data.identity(images[:100], labels[:100]) != data.identity(images[1:101], labels[1:101])
