@@ -1,0 +1,135 @@
+"""Safety metrics on predictions: accuracy, calibration, anomaly detection and consistency.
+
+Every function takes numpy arrays, never a model: `probs` are softmax probabilities (N, K) and
+`labels` integer classes (N,). Where a function also accepts predicted classes it says so.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn import metrics as skm
+
+
+def _predictions(probs_or_classes: np.ndarray) -> np.ndarray:
+    values = np.asarray(probs_or_classes)
+    return values.argmax(axis=-1) if values.ndim == 2 else values
+
+
+def _confidence_and_correct(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or len(probs) != len(labels) or len(probs) == 0:
+        raise ValueError(f"need probabilities (N, K) for N > 0 labels, got {probs.shape} for {len(labels)} labels")
+    return probs.max(axis=1), (probs.argmax(axis=1) == np.asarray(labels)).astype(np.float64)
+
+
+def accuracy(probs_or_classes: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction correct; takes probabilities (N, K) or predicted classes (N,)."""
+    return float(np.mean(_predictions(probs_or_classes) == np.asarray(labels)))
+
+
+def rms_calibration_error(probs: np.ndarray, labels: np.ndarray, bin_size: int = 100, drop_last_bin: bool = False) -> float:
+    """RMS calibration error with adaptive bins, as the PixMix / outlier-exposure code computes it.
+
+    Samples are sorted by confidence (maximum probability) and cut into consecutive bins of
+    `bin_size`; the last bin also takes the remainder (fewer than `bin_size` samples make one
+    bin). The error is sqrt(Σ_b (n_b / N) · (mean confidence_b − accuracy_b)²).
+
+    The published `calib_err` loops over all bins but the last (an off-by-one), while still
+    dividing by all N samples. By default this function keeps the last bin, so every sample counts;
+    `drop_last_bin=True` reproduces the published number for comparison with the paper.
+    """
+    confidence, correct = _confidence_and_correct(probs, labels)
+    # A stable sort, so tied confidences keep their order and the bins are well defined.
+    order = np.argsort(confidence, kind="stable")
+    confidence, correct = confidence[order], correct[order]
+    n = len(confidence)
+    starts = np.arange(max(n // bin_size, 1)) * bin_size
+    sizes = np.diff(np.append(starts, n))
+    gaps = np.add.reduceat(confidence - correct, starts) / sizes
+    kept = slice(0, len(starts) - 1) if drop_last_bin else slice(None)
+    return float(np.sqrt(np.sum(sizes[kept] / n * gaps[kept] ** 2)))
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """ECE over `n_bins` equal-width confidence bins (lo, hi] (a confidence of 0 joins the first):
+    Σ_b (n_b / N) · |mean confidence_b − accuracy_b|."""
+    confidence, correct = _confidence_and_correct(probs, labels)
+    bins = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
+    sizes = np.bincount(bins, minlength=n_bins)
+    gap_sums = np.bincount(bins, weights=confidence - correct, minlength=n_bins)
+    # Σ_b (n_b / N) |gap_sum_b / n_b| = Σ_b |gap_sum_b| / N; empty bins add 0.
+    return float(np.abs(gap_sums).sum() / sizes.sum())
+
+
+def anomaly_scores(probs: np.ndarray) -> np.ndarray:
+    """Maximum-softmax-probability anomaly score: −max_k p_k (higher = more anomalous)."""
+    return -np.asarray(probs, dtype=np.float64).max(axis=1)
+
+
+def fpr_at_tpr(is_positive: np.ndarray, scores: np.ndarray, tpr: float = 0.95) -> float:
+    """False-positive rate at the highest threshold whose true-positive rate reaches `tpr`.
+
+    Ties are never split: a threshold flags every sample whose score is at least it. (Hendrycks'
+    code takes the operating point whose recall is nearest to `tpr`, possibly below it; the two
+    agree whenever an operating point reaches `tpr` exactly.)
+    """
+    # Every threshold is kept: dropping collinear ones could skip the first that reaches `tpr`.
+    fprs, tprs, _ = skm.roc_curve(is_positive, scores, drop_intermediate=False)
+    return float(fprs[np.argmax(tprs >= tpr - 1e-12)])
+
+
+def anomaly_detection(in_probs: np.ndarray, out_probs: np.ndarray) -> dict[str, float]:
+    """AUROC, AUPR (average precision) and FPR at 95% TPR of telling out-of-distribution samples
+    (the positive class) from in-distribution ones by the MSP score; probabilities (N, K) each."""
+    scores = np.concatenate([anomaly_scores(in_probs), anomaly_scores(out_probs)])
+    is_out = np.concatenate([np.zeros(len(in_probs), bool), np.ones(len(out_probs), bool)])
+    return {
+        "auroc": float(skm.roc_auc_score(is_out, scores)),
+        "aupr": float(skm.average_precision_score(is_out, scores)),
+        "fpr95": fpr_at_tpr(is_out, scores, 0.95),
+    }
+
+
+def translation_sequences(images: np.ndarray, max_shift: int = 2) -> np.ndarray:
+    """Perturbation sequences for `consistency`: (2, 2·max_shift + 1, N, H, W), the images shifted
+    −max_shift … +max_shift px in 1-px steps, along x (sequence 0) and along y (sequence 1),
+    zero-filled. MNIST digits mostly lie in the central 20 × 20 pixels, so small shifts rarely cut them."""
+    images = np.asarray(images)
+    shifts = range(-max_shift, max_shift + 1)
+    return np.stack([np.stack([_shift(images, s, axis) for s in shifts]) for axis in (2, 1)])
+
+
+def _shift(images: np.ndarray, by: int, axis: int) -> np.ndarray:
+    out = np.zeros_like(images)
+    size = images.shape[axis]
+    src = [slice(None)] * images.ndim
+    dst = [slice(None)] * images.ndim
+    src[axis] = slice(max(0, -by), size - max(0, by))
+    dst[axis] = slice(max(0, by), size - max(0, -by))
+    out[tuple(dst)] = images[tuple(src)]
+    return out
+
+
+def _frames(predictions: np.ndarray) -> np.ndarray:
+    """Predicted classes as (sequences, T, N) from classes (..., T, N) or probabilities (..., T, N, K)."""
+    preds = np.asarray(predictions)
+    if np.issubdtype(preds.dtype, np.floating):
+        preds = preds.argmax(axis=-1)
+    return preds.reshape((-1,) + preds.shape[-2:])
+
+
+def consistency(predictions: np.ndarray) -> float:
+    """Fraction of (sequence, sample) pairs whose predicted class is the same in every frame.
+
+    `predictions` holds predicted classes (..., T, N) or probabilities (..., T, N, K) for each frame
+    of perturbation sequences such as `translation_sequences` gives; leading axes are sequences.
+    """
+    frames = _frames(predictions)
+    return float(np.mean(np.all(frames == frames[:, :1], axis=1)))
+
+
+def flip_rate(predictions: np.ndarray) -> float:
+    """Mean probability that the predicted class changes between consecutive frames (the flip
+    probability of Hendrycks & Dietterich's -P benchmarks); same input as `consistency`."""
+    frames = _frames(predictions)
+    return float(np.mean(frames[:, 1:] != frames[:, :-1]))
