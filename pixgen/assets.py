@@ -110,7 +110,10 @@ def prepare(
 
 
 def _todo(path: Path, units: int) -> list[int]:
-    flags = zarr.open_array(str(path / DONE), mode="r")[:]
+    try:
+        flags = zarr.open_array(str(path / DONE), mode="r")[:]
+    except (OSError, ValueError) as exc:  # zarr's not-found and bad-metadata errors derive from these
+        raise PixgenError(f"{path} is damaged: its {DONE} array cannot be read ({type(exc).__name__}); remove it and rerun") from None
     return [unit for unit in range(units) if not flags[unit]]
 
 
