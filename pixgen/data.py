@@ -80,3 +80,38 @@ def balanced_subset(labels: np.ndarray, size: int | None, seed: int = 0) -> np.n
         take = min(len(members), base + (i < extra))
         picked.append(rng.permutation(members)[:take])
     return np.sort(np.concatenate(picked))
+
+
+def shard_batches(path: str | os.PathLike, epoch: int, batch_size: int = 128, seed: int = 0, window: int = 4):
+    """Yield one training epoch of a `pixgen augment` asset as torch batches (images float32
+    (B, 1, 28, 28) in [0, 1], labels int64 (B,)), every sample once.
+
+    Training epoch `epoch` reads shard epoch `epoch % E`. Whole Zarr chunks are read in an order
+    drawn from (seed, epoch), `window` chunks at a time, and their samples shuffled together, so the
+    order mixes within and across chunks, is the same on every run, and memory holds one window.
+    """
+    import torch
+
+    from .assets import open_asset
+
+    group = open_asset(path, stage="augment")
+    images, labels = group["images"], group["labels"][:]
+    chunk = images.chunks[1]
+    starts = np.arange(0, images.shape[1], chunk)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, epoch]))
+    shard_epoch = epoch % images.shape[0]
+    pending_x, pending_y = np.empty((0, *images.shape[2:]), np.uint8), np.empty(0, np.int64)
+    order = rng.permutation(starts)
+    for first in range(0, len(order), window):
+        parts = [(images[shard_epoch, s : s + chunk], labels[s : s + chunk]) for s in order[first : first + window]]
+        xs = np.concatenate([pending_x, *(x for x, _ in parts)])
+        ys = np.concatenate([pending_y, *(y for _, y in parts)])
+        mix = rng.permutation(len(ys))
+        xs, ys = xs[mix], ys[mix]
+        last = first + window >= len(order)
+        full = len(ys) if last else len(ys) - len(ys) % batch_size
+        for b in range(0, full, batch_size):
+            x = torch.from_numpy(xs[b : b + batch_size]).unsqueeze(1).float().div_(255)
+            yield x, torch.from_numpy(ys[b : b + batch_size])
+        # The remainder joins the next window rather than making a short batch mid-epoch.
+        pending_x, pending_y = xs[full:], ys[full:]

@@ -1,0 +1,155 @@
+"""PixMix throughput against the published per-image style, then `pixgen augment`'s peak memory
+(E = 2 vs 20 epochs) and its speed with 2 workers vs 1.
+
+Prints `pixmix: ours X img/s, baseline Y img/s, ratio R×`. The baseline is the reference code's
+way: one digit at a time, PIL ops called from Python, numpy draws per call, same ops and
+probabilities; timed in this process on the same cores, so the ratio survives a noisy machine.
+Run from the repository root: `.venv/bin/python benchmarks/bench_pixmix.py` (or `make bench`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pixgen import assets, data, pixmix
+
+SEVERITY, K, BETA = 3.0, 4, 3.0
+MIXING = 2000
+OURS_IMAGES = 60_000
+BASELINE_IMAGES = 4_000
+
+
+def mixing_pictures(count: int = MIXING) -> np.ndarray:
+    """Stand-in mixing pictures (smoothed noise) so the benchmark needs no fractal asset."""
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(0, 256, (count, 7, 7)).astype(np.uint8)
+    return np.stack([np.asarray(Image.fromarray(c).resize((28, 28), Image.BILINEAR)) for c in coarse])
+
+
+# ---- the baseline: the published per-image style -------------------------------------------------
+
+
+def _augment_pil(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    op = pixmix.OPS[rng.integers(len(pixmix.OPS))]
+    level = rng.uniform(0.1, SEVERITY) / 10
+    sign = 1.0 if rng.random() < 0.5 else -1.0
+    param = pixmix._PARAMETER[op](np.array(level), np.array(sign), 28)
+    return pixmix.pil_augment(img, op, float(param))
+
+
+def _tensorize(img: Image.Image) -> np.ndarray:
+    return np.asarray(img, dtype=np.float32) / 255
+
+
+def _weights(rng):
+    if rng.random() < 0.5:
+        return np.float32(rng.beta(BETA, 1)), np.float32(rng.beta(1, BETA))
+    return 1 + np.float32(rng.beta(1, BETA)), -np.float32(rng.beta(1, BETA))
+
+
+def _add(x, y, rng):
+    a, b = _weights(rng)
+    return (a * (x * 2 - 1) + b * (y * 2 - 1) + 1) / 2
+
+
+def _multiply(x, y, rng):
+    a, b = _weights(rng)
+    return (x * 2) ** a * np.clip(y * 2, 1e-37, None) ** b / 2
+
+
+def baseline_pixmix(img: Image.Image, mixing: list[Image.Image], rng: np.random.Generator) -> np.ndarray:
+    picture = mixing[rng.integers(len(mixing))]
+    mixed = _tensorize(_augment_pil(img, rng)) if rng.random() < 0.5 else _tensorize(img)
+    for _ in range(rng.integers(K + 1)):
+        other = _tensorize(_augment_pil(img, rng)) if rng.random() < 0.5 else _tensorize(picture)
+        mixed = np.clip((_add if rng.random() < 0.5 else _multiply)(mixed, other, rng), 0, 1)
+    return (mixed * 255 + 0.5).astype(np.uint8)
+
+
+def time_baseline(digits: np.ndarray, mixing: np.ndarray) -> float:
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(m) for m in mixing]
+    images = [Image.fromarray(d) for d in digits[:BASELINE_IMAGES]]
+    start = time.perf_counter()
+    with np.errstate(over="ignore"):
+        for img in images:
+            baseline_pixmix(img, pictures, rng)
+    return len(images) / (time.perf_counter() - start)
+
+
+def time_ours(digits: np.ndarray, mixing: np.ndarray, repeats: int = 3) -> float:
+    """Best of a few passes (draws included), after one pass that loads the compiled kernel."""
+    rng = np.random.default_rng(0)
+    pixmix.apply(digits[:100], mixing, pixmix.draw(rng, 100, len(mixing)))
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        pixmix.apply(digits, mixing, pixmix.draw(rng, len(digits), len(mixing), k=K, beta=BETA, severity=SEVERITY))
+        best = max(best, len(digits) / (time.perf_counter() - start))
+    return best
+
+
+# ---- augment: memory and workers -----------------------------------------------------------------
+
+_CHILD = """
+import resource, sys, time
+from pixgen import augment
+cfg = augment.AugmentConfig(epochs=int(sys.argv[1]), train_size=int(sys.argv[2]), seed=0)
+augment._train_digits(str(augment.data.data_root(None).resolve()), cfg.train_size)  # time the work, not torch's import
+start = time.perf_counter()
+augment.run(cfg, [sys.argv[3]], sys.argv[4], workers=int(sys.argv[5]))
+print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def augment_in_child(tmp: Path, mixing_asset: Path, epochs: int, train_size: int, workers: int) -> tuple[float, float]:
+    """(seconds without loading MNIST, peak RSS MiB) of one `augment.run` in a fresh process."""
+    out = tmp / f"shards-{epochs}-{train_size}-{workers}.zarr"
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(epochs), str(train_size), str(mixing_asset), str(out), str(workers)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    seconds, rss = proc.stdout.split()
+    return float(seconds), float(rss)
+
+
+def write_mixing_asset(path: Path, pictures: np.ndarray) -> Path:
+    spec = {"images": assets.ArraySpec(pictures.shape, pictures.shape, "uint8")}
+    assets.prepare(path, stage="benchmark-mixing", config={"count": len(pictures)}, arrays=spec, units=1)
+    assets.write_unit(path, 0, {"images": (slice(None), pictures)})
+    assets.finish(path)
+    return path
+
+
+def main() -> None:
+    digits = data.load("mnist", "train")[0]
+    mixing = mixing_pictures()
+    ours = time_ours(np.ascontiguousarray(digits[:OURS_IMAGES]), mixing)
+    baseline = time_baseline(digits, mixing)
+    print(f"pixmix: ours {ours:,.0f} img/s, baseline {baseline:,.0f} img/s, ratio {ours / baseline:.1f}× "
+          f"({os.cpu_count()} cores; baseline one image at a time with PIL)")  # fmt: skip
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        asset = write_mixing_asset(tmp / "mixing.zarr", mixing)
+        size = 10_000
+        _, rss2 = augment_in_child(tmp, asset, 2, size, 2)
+        _, rss20 = augment_in_child(tmp, asset, 20, size, 2)
+        print(f"augment peak memory: E=2 {rss2:,.0f} MiB, E=20 {rss20:,.0f} MiB ({size:,} digits per epoch, 2 workers)")
+        seconds1, _ = augment_in_child(tmp, asset, 4, 60_000, 1)
+        seconds2, _ = augment_in_child(tmp, asset, 4, 60_000, 2)
+        n = 4 * 60_000
+        print(f"augment: 2 workers {n / seconds2:,.0f} img/s, 1 worker {n / seconds1:,.0f} img/s, "
+              f"ratio {seconds1 / seconds2:.2f}× (4 epochs of 60,000, written to Zarr)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
