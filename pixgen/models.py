@@ -7,6 +7,7 @@ convex-adversarial library can bound.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -90,3 +91,12 @@ def load(folder: str | Path, map_location: str | torch.device = "cpu") -> tuple[
     model = build(meta["arch"])
     model.load_state_dict(torch.load(Path(folder) / WEIGHTS, map_location=map_location, weights_only=True))
     return model.eval(), meta
+
+
+def weights_hash(model: nn.Module) -> str:
+    """Content hash of a network's weights, recorded in the inputs of assets made with it."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,262 @@
+"""Training: one loop for every method; a method is one function that turns a batch into a loss.
+
+A method's loss function is called as `loss(model, images, labels, step) -> (loss, logits)`;
+the logits are what the loss was computed on (adversarial examples for an attack method) and give
+the training accuracy. Methods that need randomness draw it from torch's global RNG, whose state
+is checkpointed, so a resumed run draws what an uninterrupted one would.
+
+Batches come from `mnist_batches` (a seeded permutation per epoch); a method that reads batches
+elsewhere (PixMix shards) passes another `batches(epoch)` to `fit`.
+
+The model asset is a folder (see models.py). While training it also holds `checkpoint.pt`
+(weights, optimizer, finished epochs, history, RNG state), replaced atomically after every epoch
+and removed once the final weights and `complete: true` are written.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import PixgenError, data, models, progress
+from .config import config_hash, to_dict
+
+CHECKPOINT = "checkpoint.pt"
+SUBSET_SEED = 0  # the --train-size/--test-size subsets are fixed, whatever the training seed
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    method: str = "standard"
+    arch: str = "wk-small"
+    epochs: int = 10
+    seed: int = 0
+    batch_size: int = 128
+    lr: float = 2e-3  # peak of the one-cycle schedule
+    warmup: float = 0.1  # fraction of all steps spent ramping the learning rate up
+    train_size: int | None = None
+    test_size: int | None = None
+
+
+@dataclass(frozen=True)
+class Step:
+    """Where training stands, for methods whose loss changes over training (e.g. an ε ramp)."""
+
+    config: TrainConfig
+    epoch: int
+    index: int  # global step, from 0
+    total: int  # steps in the whole run
+
+    @property
+    def progress(self) -> float:
+        return self.index / self.total
+
+
+Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor, Step], tuple[torch.Tensor, torch.Tensor]]
+
+
+def standard_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, step: Step):
+    logits = model(images)
+    return F.cross_entropy(logits, labels), logits
+
+
+METHODS: dict[str, Loss] = {"standard": standard_loss}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def learning_rate(config: TrainConfig, step: int, total: int) -> float:
+    """One cycle: linear warm-up to `lr`, then cosine decay to 0; a pure function of the step so
+    that resuming needs no scheduler state."""
+    warm = max(1, round(config.warmup * total))
+    if step < warm:
+        return config.lr * (step + 1) / warm
+    return config.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def mnist_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int, epoch: int) -> Iterator:
+    """Shuffled batches; the order depends only on (seed, epoch), so a resumed epoch repeats it."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
+    order = order.to(images.device)
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        yield images[index], labels[index]
+
+
+def to_tensors(images: np.ndarray, labels: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.from_numpy(np.asarray(images, dtype=np.float32) / 255.0).unsqueeze(1)
+    return x.to(device), torch.tensor(labels, dtype=torch.int64, device=device)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
+    model.eval()
+    correct = sum(int((model(images[i : i + batch_size]).argmax(1) == labels[i : i + batch_size]).sum()) for i in range(0, len(labels), batch_size))
+    return correct / len(labels)
+
+
+def validate(config: TrainConfig) -> None:
+    if config.method not in METHODS:
+        raise PixgenError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
+    if config.arch not in models.ARCHS:
+        raise PixgenError(f"unknown architecture {config.arch!r}; choose one of {', '.join(models.ARCHS)}")
+    for name in ("epochs", "batch_size"):
+        if getattr(config, name) < 1:
+            raise PixgenError(f"{name} must be at least 1, got {getattr(config, name)}")
+    if not config.lr > 0 or not 0 <= config.warmup < 1:
+        raise PixgenError(f"need lr > 0 and 0 <= warmup < 1, got lr {config.lr}, warmup {config.warmup}")
+
+
+def load_split(split: str, size: int | None, data_root) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = data.load("mnist", split, data_root)
+    index = data.balanced_subset(labels, size, SUBSET_SEED)
+    return images[index], labels[index]
+
+
+def _prepare_folder(out: Path, identity: dict, force: bool) -> str:
+    """'fresh', 'resume' or 'done' for the folder `out`, replacing it only with `force`."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return "fresh"
+    meta = models.read_meta(out)  # raises for a folder that is not a pixgen model
+    if all(meta.get(k) == v for k, v in identity.items()):
+        return "done" if meta.get("complete") else "resume"
+    if not force:
+        raise PixgenError(
+            f"{out} holds a model trained with another config or data (hash {meta.get('config_hash')}, "
+            f"now {identity['config_hash']}); pass --force to replace it or choose another --out"
+        )
+    shutil.rmtree(out)
+    return "fresh"
+
+
+def _save_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, history: list) -> None:
+    state = {
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "history": history,
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    tmp = out / (CHECKPOINT + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, out / CHECKPOINT)
+
+
+def _load_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, list]:
+    path = out / CHECKPOINT
+    if not path.is_file():  # killed before its first epoch ended
+        return 0, []
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["epoch"], state["history"]
+
+
+def train_epoch(model, optimizer, batches, loss_fn: Loss, config: TrainConfig, epoch: int, steps_per_epoch: int) -> dict:
+    model.train()
+    total = steps_per_epoch * config.epochs
+    loss_sum = correct = seen = 0
+    start = time.perf_counter()
+    for i, (images, labels) in enumerate(progress.bar(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch")):
+        index = epoch * steps_per_epoch + i
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, index, total)
+        loss, logits = loss_fn(model, images, labels, Step(config, epoch, index, total))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += float(loss.detach()) * len(labels)
+        correct += int((logits.detach().argmax(1) == labels).sum())
+        seen += len(labels)
+    return {"epoch": epoch + 1, "loss": loss_sum / seen, "train_accuracy": correct / seen, "seconds": time.perf_counter() - start}
+
+
+def fit(
+    model: nn.Module,
+    out: Path,
+    config: TrainConfig,
+    meta: dict,
+    batches: Callable[[int], Iterator],
+    steps_per_epoch: int,
+    test: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    """Train from the last finished epoch in `out` to the end, checkpointing after every epoch."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    first, history = _load_checkpoint(out, model, optimizer)
+    if first:
+        log(f"resuming {out} after epoch {first}/{config.epochs}")
+    for epoch in range(first, config.epochs):
+        record = train_epoch(model, optimizer, batches(epoch), METHODS[config.method], config, epoch, steps_per_epoch)
+        record["test_accuracy"] = accuracy(model, *test)
+        history.append(record)
+        log(f"epoch {epoch + 1}/{config.epochs}: loss {record['loss']:.4f}, train {record['train_accuracy']:.4f}, test {record['test_accuracy']:.4f}, {record['seconds']:.1f} s")
+        _save_checkpoint(out, model, optimizer, epoch + 1, history)
+        models.save(out, model, {**meta, "epochs_done": epoch + 1, "history": history, "complete": False})
+    models.save(out, model, {**meta, "epochs_done": config.epochs, "history": history, "test_accuracy": history[-1]["test_accuracy"], "complete": True})
+    (out / CHECKPOINT).unlink(missing_ok=True)
+
+
+def run(config: TrainConfig, out: str | Path, data_root=None, force: bool = False) -> Path:
+    """Train `config` into the model folder `out` (resuming it, or doing nothing if it is done)."""
+    validate(config)
+    out = Path(out)
+    train_images, train_labels = load_split("train", config.train_size, data_root)
+    test_images, test_labels = load_split("test", config.test_size, data_root)
+    identity = {
+        "config_hash": config_hash(config),
+        "data": {"train": data.identity(train_images, train_labels), "test": data.identity(test_images, test_labels)},
+    }
+    state = _prepare_folder(out, identity, force)
+    if state == "done":
+        log(f"{out} is already trained with this config; nothing to do")
+        return out
+
+    dev = models.device()
+    if dev.type == "cpu":  # bit-identical resumes; CUDA kernels are not all deterministic
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(config.seed)
+    model = models.build(config.arch).to(dev)
+    meta = {
+        "arch": config.arch,
+        "method": config.method,
+        "config": to_dict(config),
+        **identity,
+        "train_count": len(train_labels),
+        "test_count": len(test_labels),
+        "device": str(dev),
+    }
+    if state == "fresh":
+        models.save(out, model, {**meta, "epochs_done": 0, "history": [], "complete": False})
+    x, y = to_tensors(train_images, train_labels, dev)
+    steps = math.ceil(len(y) / config.batch_size)
+    fit(
+        model,
+        out,
+        config,
+        meta,
+        lambda epoch: mnist_batches(x, y, config.batch_size, config.seed, epoch),
+        steps,
+        to_tensors(test_images, test_labels, dev),
+    )
+    return out
