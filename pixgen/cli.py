@@ -159,13 +159,15 @@ def augment(ctx, mixing, out, epochs, seed, k, beta, severity, ops, chunk, train
 @click.option("--seed", type=int, default=0, help="Seed of the initial images and of the random transforms.")
 @click.option("--size", type=click.IntRange(8), default=28, help="Side of the stored images, in pixels.")
 @click.option("--steps", type=click.IntRange(1), default=256, help="Gradient-ascent steps per image.")
+@click.option("--min-ratio", type=click.FloatRange(0), default=5.0, help="Least objective per image, in multiples of its channel's mean over the MNIST test digits; images below are redrawn.")
+@data_root_option
 @click.option("--force", is_flag=True, help="Replace an asset made with another config or model.")
-def featvis(model_dir, out, count, seed, size, steps, force):
+def featvis(model_dir, out, count, seed, size, steps, min_ratio, data_root, force):
     """Feature visualisations of a trained network, as PixMix mixing pictures."""
     from .featvis import FeatvisConfig, run
 
-    config = FeatvisConfig(count=count, seed=seed, size=size, steps=steps)
-    click.echo(f"wrote {run(config, model_dir or home() / 'models' / 'featvis-wk-small', out or home() / 'mixing' / 'featvis.zarr', force)}")
+    config = FeatvisConfig(count=count, seed=seed, size=size, steps=steps, min_ratio=min_ratio)
+    click.echo(f"wrote {run(config, model_dir or home() / 'models' / 'featvis-wk-small', out or home() / 'mixing' / 'featvis.zarr', data_root, force)}")
 
 
 def _float_list(value: str) -> tuple[float, ...]:

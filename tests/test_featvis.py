@@ -17,7 +17,9 @@ SMALL = dict(count=24, chunk=12, steps=256)
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    config = train.TrainConfig(epochs=2, batch_size=64, train_size=6000, test_size=1000)
+    # Trained well enough that most channels can be driven to 5x (2 epochs on 6,000 digits left
+    # half the slots moving on, and the run twice as long).
+    config = train.TrainConfig(epochs=3, batch_size=64, train_size=12000, test_size=1000)
     return train.run(config, tmp_path_factory.mktemp("featvis") / "net")
 
 
@@ -26,30 +28,37 @@ def small_asset(model_dir, tmp_path_factory):
     return featvis.run(featvis.FeatvisConfig(**SMALL), model_dir, tmp_path_factory.mktemp("fv") / "featvis.zarr")
 
 
-def channel_means(model, images: torch.Tensor) -> dict[tuple[int, int], float]:
-    """Mean activation of every target channel over `images`."""
-    means = {}
-    for layer, channel in featvis.targets(model):
-        full = lambda v: torch.full((len(images),), v)  # noqa: E731
-        means[layer, channel] = float(featvis.measure(model, (images[:, 0] * 255).byte().numpy(), full(layer), full(channel)).mean())
-    return means
+@torch.no_grad()
+def channel_activations(model, layer: int, images: np.ndarray) -> torch.Tensor:
+    """(N, channels) mean activation of the ReLU at `layer` on uint8 images, by a plain forward pass."""
+    x = torch.tensor(images).float().div(255).unsqueeze(1)
+    return model[: layer + 1](x).mean((2, 3))
 
 
-def test_images_drive_their_channels(model_dir, small_asset):
+def test_every_image_drives_its_channel(model_dir, small_asset):
     model, _ = models.load(model_dir)
-    images, _ = train.to_tensors(*data.load("mnist", "test"), torch.device("cpu"))
-    means = channel_means(model, images[:2000])
+    digits = data.load("mnist", "test")[0]
     group = assets.open_asset(small_asset, "featvis")
-    mean = np.array([means[l, c] for l, c in zip(group["layer"][:], group["channel"][:])])
-    alive = mean > 0  # a channel that never fires on MNIST has no ratio to speak of
-    ratios = group["objective"][:][alive] / mean[alive]
-    # The issue asks 5x for every image; measured on the make-data network (1,024 images,
-    # README) 79% reach it, the median is 6.2x and a few channels stay near 3x. This holds the
-    # line that was reached, on a smaller network trained for 2 epochs on 6,000 digits.
-    assert alive.mean() >= 0.9
-    assert np.median(ratios) >= 5 and (ratios >= 5).mean() >= 0.5 and ratios.min() > 1, np.round(np.sort(ratios), 1)
+    images, layers, channels = group["images"][:], group["layer"][:].astype(int), group["channel"][:].astype(int)
+    ratio = np.empty(len(images))
+    for layer in np.unique(layers):
+        test_mean = channel_activations(model, layer, digits).mean(0)
+        rows = np.flatnonzero(layers == layer)
+        own = channel_activations(model, layer, images[rows])[np.arange(len(rows)), channels[rows]]
+        ratio[rows] = (own / test_mean[channels[rows]]).numpy()
+    # The hair of slack is float32 rounding between featvis's forward pass and this one.
+    assert (ratio >= featvis.FeatvisConfig.min_ratio * (1 - 1e-5)).all(), np.round(np.sort(ratio), 2)
+    np.testing.assert_allclose(group["ratio"][:], ratio, rtol=1e-5)
+    # Targets follow the cycle: most slots keep their own place, the others moved on to a later one.
     pairs = featvis.targets(model)
-    assert [(int(l), int(c)) for l, c in zip(group["layer"][:], group["channel"][:])] == [pairs[i % len(pairs)] for i in range(24)]
+    moved = np.array([(pairs.index((l, c)) - i) % len(pairs) for i, (l, c) in enumerate(zip(layers, channels))])
+    assert (moved == 0).mean() >= 2 / 3, moved
+
+
+def test_a_threshold_no_channel_reaches_is_one_clear_error(model_dir, tmp_path):
+    config = featvis.FeatvisConfig(count=1, steps=2, min_ratio=1e9)
+    with pytest.raises(PixgenError, match="no target channel reaches"):
+        featvis.run(config, model_dir, tmp_path / "fv.zarr")
 
 
 def test_images_differ_and_are_not_noise(small_asset):
@@ -76,13 +85,14 @@ def test_deterministic_and_resumes_to_the_same_bytes(model_dir, small_asset, tmp
     want = assets.open_asset(small_asset)
     for path in (copy, again):
         got = assets.open_asset(path)
-        for name in ("images", "layer", "channel", "objective"):
+        for name in ("images", "layer", "channel", "objective", "ratio"):
             assert np.array_equal(got[name][:], want[name][:]), (path, name)
 
 
 def test_cli_writes_and_second_run_is_a_no_op(model_dir, tmp_path):
     out = tmp_path / "fv.zarr"
-    args = ["featvis", "--model", model_dir, "--out", out, "--count", "4", "--steps", "5", "--seed", "1"]
+    # Five steps cannot reach 5x; the threshold is tested above, and here would only cost redraws.
+    args = ["featvis", "--model", model_dir, "--out", out, "--count", "4", "--steps", "5", "--seed", "1", "--min-ratio", "0"]
     pixgen(*args)
     assert assets.open_asset(out)["images"].shape == (4, 28, 28)
     assert "nothing to do" in pixgen(*args).stderr
