@@ -67,23 +67,35 @@ def grid(path, out, array, count, ncol):
 
 
 @cli.command()
-@click.option("--method", type=click.Choice(["standard"]), default="standard", help="Training method.")
-@click.option("--arch", type=click.Choice(["wk-small", "wk-small-bn", "madry-cnn"]), default="wk-small", help="Network architecture.")
-@click.option("--epochs", type=click.IntRange(1), default=10, help="Passes over the training split.")
-@click.option("--seed", type=int, default=0, help="Seed of the initial weights and of the batch order.")
-@click.option("--batch-size", type=click.IntRange(1), default=128, help="Training batch size.")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=2e-3, help="Peak Adam learning rate (one cycle: 10% linear warm-up, cosine decay to 0).")
+@click.option("--method", type=click.Choice(["standard", "pixmix", "pgd", "dual"]), default="standard", help="Training method: plain cross-entropy; the same on PixMix shards; adversarial training (primal); Wong & Kolter's dual bound.")
+@click.option("--arch", type=click.Choice(["wk-small", "wk-small-bn", "madry-cnn"]), default="wk-small", help="Network architecture (dual: wk-small only).")
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Passes over the training split. Default: 10; pgd 8; dual 7.")
+@click.option("--seed", type=int, default=0, help="Seed of the initial weights, the batch order and the attacks' / projections' randomness.")
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="Training batch size. Default: 128; pgd 100; dual 50.")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=None, help="Peak Adam learning rate (one cycle: 10% linear warm-up, cosine decay to 0). Default: 2e-3; dual 1e-3.")
+@click.option("--shards", type=click.Path(), default=None, help="pixmix: the PixMix shards asset (pixgen augment) of the training digits; epoch e reads shard epoch e % E.")
+@click.option("--eps", type=float, default=None, help="pgd/dual: L∞ budget in pixel units [0, 1]. Default: pgd 0.3, dual 0.1.")
+@click.option("--eps-start", type=float, default=None, help="pgd/dual: ε at the first step, ramped linearly to --eps. Default: pgd 0, dual 0.01.")
+@click.option("--ramp-epochs", type=float, default=None, help="pgd/dual: epochs over which ε ramps up. Default: pgd 2, dual 3 (at most half the epochs).")
+@click.option("--attack", type=click.Choice(["pgd", "fgsm-rs"]), default=None, help="pgd: attack solving the inner maximum: PGD from a random start, or one FGSM step from a random start (fast, can overfit catastrophically at ε 0.3; watch pgd40_accuracy). Default: pgd.")
+@click.option("--attack-steps", type=click.IntRange(1), default=None, help="pgd: PGD steps (Madry et al.: 40). Default: 5.")
+@click.option("--step-size", type=float, default=None, help="pgd: attack step as a multiple of the current ε. Default: PGD 2.5 / steps; fgsm-rs 1.0 (the paper's 1.25).")
+@click.option("--projections", type=click.IntRange(0), default=None, help="dual: random projections estimating the bound in training (0: exact; Wong & Kolter: 50). Default: 10.")
+@click.option("--certify-size", type=click.IntRange(1), default=None, help="dual: class-balanced test digits given the exact certificate at the end. Default: 1000.")
 @click.option("--train-size", type=click.IntRange(1), default=None, help="Train on a fixed class-balanced subset of this many digits. Default: all 60,000.")
 @click.option("--test-size", type=click.IntRange(1), default=None, help="Test on a fixed class-balanced subset of this many digits. Default: all 10,000.")
 @data_root_option
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Model folder to write. Default: <root>/models/<method>-<arch>.")
 @click.option("--force", is_flag=True, help="Replace a model folder trained with another config.")
-def train(method, arch, epochs, seed, batch_size, lr, train_size, test_size, data_root, out, force):
+def train(method, arch, epochs, seed, batch_size, lr, shards, train_size, test_size, data_root, out, force, **method_options):
     """Train a network on MNIST into a model folder (weights + meta.json); resumes a killed run."""
+    from .robust import DEFAULTS
     from .train import TrainConfig, run
 
-    config = TrainConfig(method=method, arch=arch, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, train_size=train_size, test_size=test_size)
-    click.echo(f"wrote {run(config, out or home() / 'models' / f'{method}-{arch}', data_root, force)}")
+    given = {"epochs": epochs, "batch_size": batch_size, "lr": lr}
+    general = {k: DEFAULTS[method][k] if v is None else v for k, v in given.items()}
+    config = TrainConfig(method=method, arch=arch, seed=seed, train_size=train_size, test_size=test_size, **general, **method_options)
+    click.echo(f"output: {run(config, out or home() / 'models' / f'{method}-{arch}', data_root, force, shards)}")
 
 
 @cli.command()
@@ -98,7 +110,7 @@ def corrupt(out, seed, count, preview, data_root, force):
     from . import corruptions
 
     path = corruptions.run(corruptions.CorruptConfig(seed=seed, count=count), out or home() / "eval" / "mnist_c.zarr", data_root, force)
-    click.echo(f"wrote {path}")
+    click.echo(f"output: {path}")
     if preview:
         click.echo(f"wrote {corruptions.preview(path, preview, data_root)}")
 
@@ -147,7 +159,7 @@ def augment(ctx, mixing, out, epochs, seed, k, beta, severity, ops, chunk, train
     op_list = tuple(op.strip() for op in ops.split(",")) if ops else stage.pixmix.OPS
     config = stage.AugmentConfig(epochs=epochs, seed=seed, k=k, beta=beta, severity=severity, ops=op_list, chunk=chunk, train_size=train_size)
     path = stage.run(config, mixing, out or home() / "shards" / "pixmix.zarr", workers, scheduler, force, data_root)
-    click.echo(f"wrote {path}")
+    click.echo(f"output: {path}")
     if preview:
         click.echo(f"wrote {stage.save_preview(path, preview, data_root)}")
 
@@ -167,7 +179,7 @@ def featvis(model_dir, out, count, seed, size, steps, min_ratio, data_root, forc
     from .featvis import FeatvisConfig, run
 
     config = FeatvisConfig(count=count, seed=seed, size=size, steps=steps, min_ratio=min_ratio)
-    click.echo(f"wrote {run(config, model_dir or home() / 'models' / 'featvis-wk-small', out or home() / 'mixing' / 'featvis.zarr', data_root, force)}")
+    click.echo(f"output: {run(config, model_dir or home() / 'models' / 'featvis-wk-small', out or home() / 'mixing' / 'featvis.zarr', data_root, force)}")
 
 
 def _float_list(value: str) -> tuple[float, ...]:

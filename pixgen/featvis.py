@@ -288,10 +288,8 @@ def run(config: FeatvisConfig, model_dir: str | Path, out: str | Path, data_root
     if not todo:
         print(f"{out} is complete with this config; nothing to do", file=sys.stderr)
         return Path(out)
-    if dev.type == "cpu":
-        torch.use_deterministic_algorithms(True)
     means = channel_means(model, pairs, digits)
-    with progress.bar(total=len(todo) * config.steps, desc="featvis", unit="step") as bar:
+    with models.deterministic(dev), progress.bar(total=len(todo) * config.steps, desc="featvis", unit="step") as bar:
         for unit in todo:
             span = slice(unit * c, min(n, (unit + 1) * c))
             columns = make_chunk(model, pairs, means, config, unit, bar)

@@ -7,6 +7,7 @@ convex-adversarial library can bound.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -53,6 +54,19 @@ def build(arch: str) -> nn.Sequential:
 def device() -> torch.device:
     """CUDA when there is one, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextlib.contextmanager
+def deterministic(dev: torch.device):
+    """Deterministic kernels on the CPU while the block runs, so that resumed and fresh runs give the
+    same bytes (CUDA's kernels are not all deterministic). The switch is process-wide and slows
+    other work (DENT about 2x), so it is put back afterwards."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(dev.type == "cpu")
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import PixgenError, data, models, progress
+from . import PixgenError, data, models, progress, robust
 from .config import config_hash, to_dict
 
 CHECKPOINT = "checkpoint.pt"
@@ -47,6 +47,15 @@ class TrainConfig:
     warmup: float = 0.1  # fraction of all steps spent ramping the learning rate up
     train_size: int | None = None
     test_size: int | None = None
+    # Options of the robust methods (pixgen.robust); None takes the method's default there.
+    eps: float | None = None
+    eps_start: float | None = None
+    ramp_epochs: float | None = None
+    attack: str | None = None
+    attack_steps: int | None = None
+    step_size: float | None = None  # a multiple of the current ε
+    projections: int | None = None  # 0: the exact bound
+    certify_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -71,7 +80,8 @@ def standard_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     return F.cross_entropy(logits, labels), logits
 
 
-METHODS: dict[str, Loss] = {"standard": standard_loss}
+# pixmix is plain cross-entropy; its difference is the batch source (the shards).
+METHODS: dict[str, Loss] = {"standard": standard_loss, "pixmix": standard_loss, "pgd": robust.adversarial_loss, "dual": robust.dual_loss}
 
 
 def log(message: str) -> None:
@@ -122,6 +132,7 @@ def validate(config: TrainConfig) -> None:
             raise PixgenError(f"{name} must be at least 1, got {getattr(config, name)}")
     if not config.lr > 0 or not 0 <= config.warmup < 1:
         raise PixgenError(f"need lr > 0 and 0 <= warmup < 1, got lr {config.lr}, warmup {config.warmup}")
+    robust.validate(config)
 
 
 def load_split(split: str, size: int | None, data_root) -> tuple[np.ndarray, np.ndarray]:
@@ -209,17 +220,27 @@ def fit(
     for epoch in range(first, config.epochs):
         record = train_epoch(model, optimizer, batches(epoch), METHODS[config.method], config, epoch, steps_per_epoch)
         record["test_accuracy"] = accuracy(model, *test)
+        extra = robust.epoch_metrics(model, test, config)
+        record.update(extra)
         history.append(record)
-        log(f"epoch {epoch + 1}/{config.epochs}: loss {record['loss']:.4f}, train {record['train_accuracy']:.4f}, test {record['test_accuracy']:.4f}, {record['seconds']:.1f} s")
+        shown = "".join(f", {k} {v:.4f}" for k, v in extra.items() if isinstance(v, float))
+        log(f"epoch {epoch + 1}/{config.epochs}: loss {record['loss']:.4f}, train {record['train_accuracy']:.4f}, test {record['test_accuracy']:.4f}{shown}, {record['seconds']:.1f} s")
         _save_checkpoint(out, model, optimizer, epoch + 1, history)
         models.save(out, model, {**meta, "epochs_done": epoch + 1, "history": history, "complete": False})
-    models.save(out, model, {**meta, "epochs_done": config.epochs, "history": history, "test_accuracy": history[-1]["test_accuracy"], "complete": True})
+    final = robust.final_metrics(model, test, config)
+    if final:
+        log(f"{config.method}: {final}")
+    models.save(out, model, {**meta, "epochs_done": config.epochs, "history": history, "test_accuracy": history[-1]["test_accuracy"], **final, "complete": True})
     (out / CHECKPOINT).unlink(missing_ok=True)
 
 
-def run(config: TrainConfig, out: str | Path, data_root=None, force: bool = False) -> Path:
-    """Train `config` into the model folder `out` (resuming it, or doing nothing if it is done)."""
+def run(config: TrainConfig, out: str | Path, data_root=None, force: bool = False, shards=None) -> Path:
+    """Train `config` into the model folder `out` (resuming it, or doing nothing if it is done).
+    Method pixmix trains on the PixMix `shards` asset (from pixgen augment) of the training digits."""
+    config = robust.resolve(config)
     validate(config)
+    if (config.method == "pixmix") != (shards is not None):
+        raise PixgenError("method pixmix needs --shards PATH (a pixgen augment asset), and only pixmix reads shards")
     out = Path(out)
     train_images, train_labels = load_split("train", config.train_size, data_root)
     test_images, test_labels = load_split("test", config.test_size, data_root)
@@ -227,14 +248,14 @@ def run(config: TrainConfig, out: str | Path, data_root=None, force: bool = Fals
         "config_hash": config_hash(config),
         "data": {"train": data.identity(train_images, train_labels), "test": data.identity(test_images, test_labels)},
     }
+    if shards is not None:
+        identity["shards"] = robust.open_shards(shards, identity["data"]["train"], len(train_labels))
     state = _prepare_folder(out, identity, force)
     if state == "done":
         log(f"{out} is already trained with this config; nothing to do")
         return out
 
     dev = models.device()
-    if dev.type == "cpu":  # bit-identical resumes; CUDA kernels are not all deterministic
-        torch.use_deterministic_algorithms(True)
     torch.manual_seed(config.seed)
     model = models.build(config.arch).to(dev)
     meta = {
@@ -245,18 +266,16 @@ def run(config: TrainConfig, out: str | Path, data_root=None, force: bool = Fals
         "train_count": len(train_labels),
         "test_count": len(test_labels),
         "device": str(dev),
+        "eps": config.eps,
     }
     if state == "fresh":
         models.save(out, model, {**meta, "epochs_done": 0, "history": [], "complete": False})
     x, y = to_tensors(train_images, train_labels, dev)
     steps = math.ceil(len(y) / config.batch_size)
-    fit(
-        model,
-        out,
-        config,
-        meta,
-        lambda epoch: mnist_batches(x, y, config.batch_size, config.seed, epoch),
-        steps,
-        to_tensors(test_images, test_labels, dev),
-    )
+    if shards is None:
+        batches = lambda epoch: mnist_batches(x, y, config.batch_size, config.seed, epoch)  # noqa: E731
+    else:
+        batches = robust.shard_epochs(shards, config.epochs, config.batch_size, config.seed, dev, log)
+    with models.deterministic(dev):
+        fit(model, out, config, meta, batches, steps, to_tensors(test_images, test_labels, dev))
     return out

@@ -1,0 +1,70 @@
+"""DENT's cost per batch against static forward-and-backward passes, then a whole `evaluate`.
+
+1. `dent: ours X batch/s, baseline Y batch/s, ratio R×`: DENT (6 steps, model + input
+   adaptation, AdaMod, shot loss) on a batch of 250 MNIST digits against (steps + 1) forward-and-
+   backward passes of the static network on the same batch (the least any 6-step adaptation plus
+   a prediction can cost). Goal: ratio ≤ 1.5. Timed alternately in this process, so the ratio
+   survives a noisy machine. Networks are untrained (cost does not depend on the weights).
+2. `evaluate`: the wall time of `pixgen evaluate` for one wk-small network, default suite
+   (clean, FGSM 0…0.5 step 0.02, PGD-40 0…0.5 step 0.1, calibration, OOD, consistency; no
+   MNIST-C, no DENT) on 200 test digits.
+Run from the repository root: `.venv/bin/python benchmarks/bench_dent.py` (or `make bench`).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pixgen import evaluate, models
+from pixgen.dent import Dent, DentConfig
+
+BATCH, REPEATS = 250, 5
+
+
+def static_passes(model, x, passes: int) -> None:
+    x = x.clone().requires_grad_()
+    for _ in range(passes):
+        torch.autograd.grad(model(x).logsumexp(1).sum(), x)
+
+
+def dent_cost(arch: str) -> None:
+    torch.manual_seed(0)
+    model = models.build(arch).eval()
+    x = torch.rand(BATCH, 1, 28, 28)
+    config = DentConfig()
+    dent = Dent(model, config)
+    times = {"dent": [], "static": []}
+    with torch.no_grad():
+        dent(x)  # warm-up
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        with torch.no_grad():
+            dent(x)
+        times["dent"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        static_passes(model, x, config.steps + 1)
+        times["static"].append(time.perf_counter() - start)
+    ours, base = min(times["dent"]), min(times["static"])
+    print(f"dent ({arch}, batch {BATCH}, {config.steps} steps): ours {1 / ours:.2f} batch/s, baseline {1 / base:.2f} batch/s "
+          f"({config.steps + 1} forward+backward), ratio {ours / base:.2f}× (goal ≤ 1.5×)")
+
+
+def evaluate_time() -> None:
+    config = evaluate.EvalConfig(suites=("clean", "fgsm", "pgd", "calibration", "ood", "consistency"), test_size=200)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        folder = Path(tmp) / "wk-small"
+        models.save(folder, models.build("wk-small"), {"arch": "wk-small", "method": "standard", "complete": True})
+        start = time.perf_counter()
+        evaluate.run(config, [folder], Path(tmp) / "out")
+        print(f"evaluate (wk-small, default suite, 200 digits, no DENT): {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    for arch in ("wk-small-bn", "wk-small"):
+        dent_cost(arch)
+    evaluate_time()
