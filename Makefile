@@ -15,6 +15,7 @@ $(BIN)/pixgen: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q 'torch>=2.14' 'torchvision>=0.29'
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps 'torchattacks==3.5.1'
 	touch $@
 
 # The featvis network: wk-small, 3 epochs (98.6% test accuracy is plenty to visualise).
