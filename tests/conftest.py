@@ -16,9 +16,16 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 @pytest.fixture(scope="session", autouse=True)
 def data_root() -> Path:
-    root = Path(os.environ.get("PIXGEN_DATA_ROOT") or SHARED_DATA)
-    if not (root / "MNIST" / "raw").is_dir():
-        pytest.exit(f"no MNIST under {root}; set PIXGEN_DATA_ROOT to a torchvision-layout root", returncode=2)
+    """PIXGEN_DATA_ROOT, else ../shared/data if present, else ./data/raw (downloaded when online)."""
+    from pixgen import PixgenError, data
+
+    root = Path(os.environ.get("PIXGEN_DATA_ROOT") or (SHARED_DATA if SHARED_DATA.is_dir() else REPO / "data" / "raw"))
+    try:
+        for dataset in ("mnist", "fashion-mnist"):
+            data.load(dataset, "test", root)
+            data.load(dataset, "train", root)
+    except PixgenError as exc:
+        pytest.exit(str(exc), returncode=2)
     os.environ["PIXGEN_DATA_ROOT"] = str(root)
     return root
 
