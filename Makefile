@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 PIXGEN  := $(BIN)/pixgen
 
-.PHONY: install data test bench clean
+.PHONY: install data experiment test bench clean
 
 install: $(BIN)/pixgen
 
@@ -23,6 +23,10 @@ data: install
 	$(PIXGEN) fractals
 	$(PIXGEN) train --method standard --arch wk-small --epochs 3 --seed 0 --out "$${PIXGEN_HOME:-data}/models/featvis-wk-small"
 	$(PIXGEN) featvis --model "$${PIXGEN_HOME:-data}/models/featvis-wk-small" --out "$${PIXGEN_HOME:-data}/mixing/featvis.zarr"
+
+# The whole study on full MNIST (pipelines/mnist.yaml), cached stage by stage under data/mnist/.
+experiment: install
+	$(PIXGEN) run pipelines/mnist.yaml
 
 test: install
 	$(BIN)/pytest -q

@@ -67,21 +67,21 @@ def grid(path, out, array, count, ncol):
 
 
 @cli.command()
-@click.option("--method", type=click.Choice(["standard", "pixmix", "pgd", "dual"]), default="standard", help="Training method: plain cross-entropy; the same on PixMix shards; adversarial training (primal); Wong & Kolter's dual bound.")
-@click.option("--arch", type=click.Choice(["wk-small", "wk-small-bn", "madry-cnn"]), default="wk-small", help="Network architecture (dual: wk-small only).")
-@click.option("--epochs", type=click.IntRange(1), default=None, help="Passes over the training split. Default: 10; pgd 8; dual 7.")
+@click.option("--method", type=click.Choice(["standard", "pixmix", "pgd", "dual", "ibp"]), default="standard", help="Training method: plain cross-entropy; the same on PixMix shards; adversarial training (primal); Wong & Kolter's dual bound; interval bounds (Gowal et al.).")
+@click.option("--arch", type=click.Choice(["wk-small", "wk-small-bn", "madry-cnn"]), default="wk-small", help="Network architecture (dual: wk-small only; ibp: not wk-small-bn).")
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Passes over the training split. Default: 10; pgd 8; dual 7; ibp 50.")
 @click.option("--seed", type=int, default=0, help="Seed of the initial weights, the batch order and the attacks' / projections' randomness.")
-@click.option("--batch-size", type=click.IntRange(1), default=None, help="Training batch size. Default: 128; pgd 100; dual 50.")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=None, help="Peak Adam learning rate (one cycle: 10% linear warm-up, cosine decay to 0). Default: 2e-3; dual 1e-3.")
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="Training batch size. Default: 128; pgd 100; dual 50; ibp 100.")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=None, help="Peak Adam learning rate (one cycle: 10% linear warm-up, cosine decay to 0). Default: 2e-3; dual, ibp 1e-3.")
 @click.option("--shards", type=click.Path(), default=None, help="pixmix: the PixMix shards asset (pixgen augment) of the training digits; epoch e reads shard epoch e % E.")
-@click.option("--eps", type=float, default=None, help="pgd/dual: L∞ budget in pixel units [0, 1]. Default: pgd 0.3, dual 0.1.")
-@click.option("--eps-start", type=float, default=None, help="pgd/dual: ε at the first step, ramped linearly to --eps. Default: pgd 0, dual 0.01.")
-@click.option("--ramp-epochs", type=float, default=None, help="pgd/dual: epochs over which ε ramps up. Default: pgd 2, dual 3 (at most half the epochs).")
+@click.option("--eps", type=float, default=None, help="pgd/dual/ibp: L∞ budget in pixel units [0, 1] (ibp trains at 1.1 × it and certifies at it). Default: pgd 0.3, dual 0.1, ibp 0.1.")
+@click.option("--eps-start", type=float, default=None, help="pgd/dual/ibp: ε at the first step, ramped linearly to --eps. Default: pgd 0, dual 0.01, ibp 0.")
+@click.option("--ramp-epochs", type=float, default=None, help="pgd/dual/ibp: epochs over which ε ramps up (ibp: and the clean-loss weight falls from 1 to 0.5). Default: pgd 2, dual 3, ibp 20 (at most half the epochs).")
 @click.option("--attack", type=click.Choice(["pgd", "fgsm-rs"]), default=None, help="pgd: attack solving the inner maximum: PGD from a random start, or one FGSM step from a random start (fast, can overfit catastrophically at ε 0.3; watch pgd40_accuracy). Default: pgd.")
 @click.option("--attack-steps", type=click.IntRange(1), default=None, help="pgd: PGD steps (Madry et al.: 40). Default: 5.")
 @click.option("--step-size", type=float, default=None, help="pgd: attack step as a multiple of the current ε. Default: PGD 2.5 / steps; fgsm-rs 1.0 (the paper's 1.25).")
 @click.option("--projections", type=click.IntRange(0), default=None, help="dual: random projections estimating the bound in training (0: exact; Wong & Kolter: 50). Default: 10.")
-@click.option("--certify-size", type=click.IntRange(1), default=None, help="dual: class-balanced test digits given the exact certificate at the end. Default: 1000.")
+@click.option("--certify-size", type=click.IntRange(1), default=None, help="dual/ibp: class-balanced test digits given the method's certificate at the end. Default: 1000.")
 @click.option("--train-size", type=click.IntRange(1), default=None, help="Train on a fixed class-balanced subset of this many digits. Default: all 60,000.")
 @click.option("--test-size", type=click.IntRange(1), default=None, help="Test on a fixed class-balanced subset of this many digits. Default: all 10,000.")
 @data_root_option
@@ -182,6 +182,18 @@ def featvis(model_dir, out, count, seed, size, steps, min_ratio, data_root, forc
     click.echo(f"output: {run(config, model_dir or home() / 'models' / 'featvis-wk-small', out or home() / 'mixing' / 'featvis.zarr', data_root, force)}")
 
 
+@cli.command("run")
+@click.argument("pipeline_file", metavar="PIPELINE", type=click.Path(dir_okay=False))
+@click.option("--root", "run_root", type=click.Path(file_okay=False), default=None, help="Folder for the stages' outputs and pipeline.json. Default: <root>/<pipeline file name>.")
+@click.option("--dry-run", is_flag=True, help="Print the command of every stage that would run; run nothing.")
+@data_root_option
+def run_pipeline(pipeline_file, run_root, dry_run, data_root):
+    """Run a pipeline file's stages in order, each cached: a second run does nothing."""
+    from . import pipeline
+
+    click.echo(f"output: {pipeline.run(pipeline_file, run_root or home() / Path(pipeline_file).stem, data_root, dry_run)}")
+
+
 def _float_list(value: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in value.split(",") if v.strip())
@@ -237,6 +249,48 @@ def evaluate(model_dirs, defense, suite, mnist_c, test_size, fgsm_eps, pgd_eps, 
     )  # fmt: skip
     for path in run(config, model_dirs, out or home() / "eval" / "results", defense, mnist_c, data_root):
         click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.option("--eval", "evals", multiple=True, type=click.Path(), help="Evaluation JSON (pixgen evaluate) or a folder of them; repeat for several.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Report folder to write (replaces a previous report there, nothing else). Default: <root>/eval/report.")
+@click.option("--fractals", type=click.Path(), default=None, help="Fractal mixing set to show as a grid.")
+@click.option("--featvis", type=click.Path(), default=None, help="Feature-visualisation mixing set to show as a grid.")
+@click.option("--shards", type=click.Path(), default=None, help="PixMix shards (pixgen augment) to show beside their MNIST digits.")
+@click.option("--mnist-c", type=click.Path(), default=None, help="MNIST-C asset (pixgen corrupt) to show, a row per corruption.")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None, help="Model folder whose FGSM/PGD adversarial digits to show at each --adv-eps.")
+@click.option("--table-eps", default="0.1,0.2,0.3", help="ε of the summary table's FGSM and PGD columns (comma-separated).")
+@click.option("--adv-eps", default="0,0.1,0.2,0.3", help="ε of the adversarial-digit rows for --model (comma-separated).")
+@click.option("--grid-count", type=click.IntRange(1), default=48, help="Mixing pictures shown per mixing set.")
+@click.option("--columns", type=click.IntRange(1), default=12, help="Images per row of the shard, MNIST-C, mixing and adversarial grids.")
+@click.option("--seed", type=int, default=0, help="Seed of PGD's random start in the adversarial grid.")
+@data_root_option
+def report(evals, out, fractals, featvis, shards, mnist_c, model_dir, table_eps, adv_eps, grid_count, columns, seed, data_root):
+    """One self-contained HTML page (and summary.md) comparing evaluated models, with figures and image grids."""
+    from .report import ReportConfig, run
+
+    config = ReportConfig(table_eps=_float_list(table_eps), adv_eps=_float_list(adv_eps), grid_count=grid_count, columns=columns, seed=seed)
+    path = run(config, evals, out or home() / "eval" / "report", fractals=fractals, featvis=featvis, shards=shards, mnist_c=mnist_c, model=model_dir, data_root=data_root)
+    click.echo(f"output: {path}")
+
+
+@cli.command()
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), required=True, help="Trained model folder (pixgen train).")
+@click.option("--eps", type=float, required=True, help="L∞ budget in pixel units [0, 1]; the ball is intersected with the pixel box [0, 1].")
+@click.option("--method", type=click.Choice(["dual", "dual-opt", "lp", "ibp"]), default="dual", help="Bound: Wong & Kolter's dual network; the same with optimised ReLU slopes; the primal LP of that relaxation (HiGHS); interval bounds.")
+@click.option("--count", type=click.IntRange(1), default=1000, help="Size of the fixed class-balanced sample of MNIST test digits.")
+@click.option("--seed", type=int, default=0, help="Seed of the test sample.")
+@click.option("--steps", type=int, default=None, help="dual-opt: projected-gradient ascent steps on the slopes. Default: 100.")
+@click.option("--chunk", type=click.IntRange(1), default=10, help="Digits per batch and per resumable unit.")
+@data_root_option
+@click.option("--out", type=click.Path(), required=True, help="Certify asset to write (Zarr).")
+@click.option("--force", is_flag=True, help="Replace an asset at --out made with another config or model.")
+def certify(model_dir, eps, method, count, seed, steps, chunk, data_root, out, force):
+    """Certify test digits: per wrong class, a lower bound on the margin over the ε-ball ∩ [0, 1] (resumable)."""
+    from .certify import CertifyConfig, run
+
+    config = CertifyConfig(eps=eps, method=method, count=count, seed=seed, steps=steps, chunk=chunk)
+    click.echo(f"output: {run(config, model_dir, out, data_root, force)}")
 
 
 def main():

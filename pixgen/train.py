@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import PixgenError, data, models, progress, robust
+from . import PixgenError, certify, data, models, progress, robust
 from .config import config_hash, to_dict
 
 CHECKPOINT = "checkpoint.pt"
@@ -81,7 +81,7 @@ def standard_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
 
 
 # pixmix is plain cross-entropy; its difference is the batch source (the shards).
-METHODS: dict[str, Loss] = {"standard": standard_loss, "pixmix": standard_loss, "pgd": robust.adversarial_loss, "dual": robust.dual_loss}
+METHODS: dict[str, Loss] = {"standard": standard_loss, "pixmix": standard_loss, "pgd": robust.adversarial_loss, "dual": robust.dual_loss, "ibp": certify.ibp_loss}
 
 
 def log(message: str) -> None:

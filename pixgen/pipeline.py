@@ -1,0 +1,216 @@
+"""Whole-experiment pipelines: `pixgen run PIPELINE.yaml` runs pixgen commands as cached stages.
+
+A pipeline file names its stages; each runs one pixgen command with fixed options (`with`) and
+takes other stages' outputs as path options (`from`). Every stage writes one output under the
+pipeline root, `<root>/<stage>` (`.zarr` for Zarr assets), and has a key: the hash of its command,
+its options and the keys of the stages it reads. `<root>/pipeline.json` records the key of every
+finished stage, so a second run skips it, and a changed config changes the keys of that stage and
+of everything downstream, and of nothing else.
+
+Stages run as subprocesses of the real CLI, so each is exactly what a user would type (`pixgen run
+--dry-run` prints the commands). A stage is recorded only after its command exits 0; the commands
+resume their own half-written assets, so rerunning after a failure or a kill continues from the
+stage that stopped.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import yaml
+
+from . import PixgenError
+from .config import config_hash
+
+STATE = "pipeline.json"
+ZARR_COMMANDS = {"fractals", "featvis", "augment", "corrupt", "certify"}
+RESERVED = {"out", "force", "data-root", "help"}  # the pipeline sets these itself
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    command: str
+    options: dict  # CLI option name (without --) → value, or list of values
+    inputs: dict  # CLI option name → list of stage names
+    key: str = ""
+
+    def output(self, root: Path) -> Path:
+        return root / (f"{self.name}.zarr" if self.command in ZARR_COMMANDS else self.name)
+
+
+def _commands() -> dict[str, click.Command]:
+    from .cli import cli
+
+    return {name: cmd for name, cmd in cli.commands.items() if name not in {"run", "info", "grid"}}
+
+
+def _option_names(command: click.Command) -> dict[str, click.Option]:
+    names = {}
+    for param in command.params:
+        if isinstance(param, click.Option):
+            for opt in param.opts:
+                if opt.startswith("--"):
+                    names[opt[2:]] = param
+    return names
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, list) else [value]
+
+
+def load(path: str | Path) -> list[Stage]:
+    """Parse and check a pipeline file; return its stages in run order, keyed."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise PixgenError(f"cannot read pipeline {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise PixgenError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("stages"), dict) or not doc["stages"]:
+        raise PixgenError(f"{path}: a pipeline is a mapping with a non-empty `stages:` mapping of stage name → {{run, with, from}}")
+    extra = [k for k in doc if k != "stages" and not str(k).startswith("x-")]
+    if extra:
+        raise PixgenError(f"{path}: unknown top-level key {extra[0]!r} (a pipeline has `stages:`, and `x-…` keys for YAML anchors)")
+    commands = _commands()
+    stages = {}
+    for name, spec in doc["stages"].items():
+        where = f"{path}: stage {name!r}"
+        if not isinstance(spec, dict) or set(spec) - {"run", "with", "from"}:
+            raise PixgenError(f"{where} must be a mapping with keys run, with (options) and from (inputs)")
+        command = spec.get("run")
+        if command not in commands:
+            raise PixgenError(f"{where}: unknown stage command {command!r}; choose one of {', '.join(sorted(commands))}")
+        known = _option_names(commands[command])
+        options, inputs = {}, {}
+        for section, target in (("with", options), ("from", inputs)):
+            given = spec.get(section) or {}
+            if not isinstance(given, dict):
+                raise PixgenError(f"{where}: `{section}` must be a mapping of option → value")
+            for option, value in given.items():
+                option = str(option).replace("_", "-")
+                if option in RESERVED or option not in known:
+                    allowed = ", ".join(sorted(set(known) - RESERVED))
+                    raise PixgenError(f"{where}: `pixgen {command}` has no option --{option} a pipeline may set (it takes {allowed})")
+                if option in options or option in inputs:
+                    raise PixgenError(f"{where}: --{option} is given twice")
+                target[option] = _as_list(value) if section == "from" else value
+        stages[name] = Stage(str(name), command, options, inputs)
+    for stage in stages.values():
+        for option, names in stage.inputs.items():
+            for dep in names:
+                if dep not in stages:
+                    raise PixgenError(f"{path}: stage {stage.name!r} reads --{option} from {dep!r}, which is not a stage of this pipeline")
+    return _keyed(_order(stages, path))
+
+
+def _order(stages: dict[str, Stage], path: Path) -> list[Stage]:
+    """Topological order, ties in file order; a cycle is an error naming its stages."""
+    ordered, done = [], set()
+    while len(ordered) < len(stages):
+        ready = [s for n, s in stages.items() if n not in done and all(d in done for ds in s.inputs.values() for d in ds)]
+        if not ready:
+            raise PixgenError(f"{path}: the stages {', '.join(sorted(set(stages) - done))} depend on each other in a cycle")
+        ordered.append(ready[0])
+        done.add(ready[0].name)
+    return ordered
+
+
+def _keyed(stages: list[Stage]) -> list[Stage]:
+    keys, keyed = {}, []
+    for stage in stages:
+        deps = {option: [keys[d] for d in names] for option, names in stage.inputs.items()}
+        key = config_hash({"run": stage.command, "with": stage.options, "from": deps})
+        keys[stage.name] = key
+        keyed.append(Stage(stage.name, stage.command, stage.options, stage.inputs, key))
+    return keyed
+
+
+def argv(stage: Stage, stages: dict[str, Stage], root: Path, force: bool) -> list[str]:
+    command = _commands()[stage.command]
+    known = _option_names(command)
+    args = [stage.command]
+    for option, value in stage.options.items():
+        if known[option].is_flag:
+            args += [f"--{option}"] if value else []
+        else:
+            args += [a for v in _as_list(value) for a in (f"--{option}", str(v))]
+    for option, names in stage.inputs.items():
+        args += [a for n in names for a in (f"--{option}", str(stages[n].output(root)))]
+    args += ["--out", str(stage.output(root))]
+    if force and "force" in known:
+        args.append("--force")
+    return args
+
+
+def read_state(root: Path) -> dict:
+    try:
+        return json.loads((root / STATE).read_text())
+    except FileNotFoundError:
+        return {"stages": {}}
+    except (OSError, ValueError) as exc:
+        raise PixgenError(f"{root / STATE} cannot be read ({exc}); remove it to rerun every stage") from None
+
+
+def write_state(root: Path, state: dict) -> None:
+    # Replaced by rename, so a kill leaves the old record or the new one, never half of one.
+    tmp = root / f".{STATE}.tmp"
+    tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+    os.replace(tmp, root / STATE)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run(path: str | Path, root: str | Path, data_root: str | None = None, dry_run: bool = False) -> Path:
+    """Run every stage whose key is not recorded as finished; return the root."""
+    stages = load(path)
+    by_name = {s.name: s for s in stages}
+    root = Path(root)
+    state = read_state(root)
+    recorded = state["stages"]
+    env = {**os.environ, **({"PIXGEN_DATA_ROOT": str(data_root)} if data_root else {})}
+    started = time.perf_counter()
+    total = len(stages)
+    for i, stage in enumerate(stages, 1):
+        done = recorded.get(stage.name, {})
+        head = f"[{i}/{total}] {stage.name} ({stage.command})"
+        if done.get("key") == stage.key and stage.output(root).exists():
+            log(f"{head}: cached ({done.get('seconds', 0):.1f} s when run)")
+            continue
+        # Only a stage whose recorded key differs replaces its output; a stage never finished
+        # resumes whatever its command left half-written.
+        args = argv(stage, by_name, root, force=stage.name in recorded)
+        if dry_run:
+            log(f"{head}: would run  pixgen {' '.join(args)}")
+            continue
+        log(f"{head}: running  pixgen {' '.join(args)}  (elapsed {_clock(time.perf_counter() - started)})")
+        root.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        code = subprocess.run([sys.executable, "-m", "pixgen", *args], env=env).returncode
+        seconds = time.perf_counter() - t0
+        if code != 0:
+            raise PixgenError(f"stage {stage.name!r} (pixgen {stage.command}) failed with exit code {code} after {seconds:.1f} s; fix it and rerun to continue from this stage")
+        recorded[stage.name] = {"key": stage.key, "command": stage.command, "seconds": round(seconds, 1), "finished": datetime.datetime.now().isoformat(timespec="seconds")}
+        write_state(root, state)
+        log(f"{head}: done in {_clock(seconds)}")
+    if not dry_run:
+        log(f"pipeline {Path(path).name}: {total} stages, {_clock(time.perf_counter() - started)} this run; recorded stage times:")
+        for stage in stages:
+            log(f"  {stage.name:<24} {_clock(recorded[stage.name]['seconds'])}")
+    return root
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"

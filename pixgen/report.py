@@ -1,0 +1,670 @@
+"""The report: one self-contained HTML page (and a Markdown table) comparing evaluated models.
+
+`run(config, evals, out, ...)` reads `pixgen evaluate` JSONs (files or folders of them) and, when
+given, image assets and one model folder, and writes to `out`: accuracy-against-ε figures for
+FGSM and PGD, MNIST-C, calibration and OOD bar charts, image grids (each as PNG and SVG),
+`summary.md` (the table of every scalar metric per model and defence), `index.html` (the table and
+every figure embedded as data URIs, so the page is one file) and `report.json` (inputs and config).
+
+Evaluation JSONs hold scalars only (calibration errors, AUROC/AUPR/FPR95), not reliability bins
+or ROC points, so those are drawn as bars. The report is written into a temporary folder beside
+`out` and renamed into place at the end, so a folder named `out` is always a whole report.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import PixgenError, __version__, assets, data, models
+from .config import config_hash, to_dict
+
+MARKER = "report.json"
+ATTACKS = {"fgsm": "FGSM", "pgd": "PGD-40"}
+ROBUST_METHODS = ("pgd", "dual", "ibp")
+EPS_TOL = 1e-9
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """table_eps: the ε of the FGSM/PGD columns of the summary table (an ε an evaluation did not
+    run is shown as missing, never interpolated); dent_standard: also draw DENT under the standard
+    attack, beside its worst case; grid_count: mixing pictures shown per set; columns: digits per
+    row of the shard, MNIST-C and adversarial grids; adv_eps: the ε of the adversarial grid's
+    rows; seed: seed of PGD's random start in that grid."""
+
+    table_eps: tuple[float, ...] = (0.1, 0.2, 0.3)
+    dent_standard: bool = True
+    grid_count: int = 48
+    columns: int = 12
+    adv_eps: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3)
+    seed: int = 0
+
+    def __post_init__(self):
+        if any(not e >= 0 for e in (*self.table_eps, *self.adv_eps)):
+            raise PixgenError(f"report ε must be ≥ 0, got {min((*self.table_eps, *self.adv_eps))}")
+        for name in ("grid_count", "columns"):
+            if getattr(self, name) < 1:
+                raise PixgenError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+# ---------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    path: Path
+    label: str  # model folder name and method: the name of the model everywhere in the report
+    doc: dict
+
+
+def _fail(path, why: str):
+    raise PixgenError(f"{path} is not a pixgen evaluate result ({why}); pass JSONs written by pixgen evaluate")
+
+
+def _check(path: Path, doc) -> None:
+    if not isinstance(doc, dict):
+        _fail(path, f"a JSON {type(doc).__name__}, not an object")
+    if doc.get("stage") != "evaluate":
+        _fail(path, f"stage {doc.get('stage')!r}, not 'evaluate'")
+    if not isinstance(doc.get("model"), dict) or not isinstance(doc["model"].get("path"), str):
+        _fail(path, "no model.path")
+    defenses = doc.get("defenses")
+    if not isinstance(defenses, dict) or not defenses or not all(isinstance(d, dict) for d in defenses.values()):
+        _fail(path, "no defenses")
+    for name, results in defenses.items():
+        for attack in ("fgsm", "pgd", "autoattack"):
+            entry = results.get(attack)
+            if entry is None:
+                continue
+            eps = entry.get("eps") if isinstance(entry, dict) else None
+            curves = [v for k, v in entry.items() if k != "eps"] if isinstance(entry, dict) else []
+            if not isinstance(eps, list) or not curves or any(not isinstance(c, list) or len(c) != len(eps) for c in curves):
+                _fail(path, f"defenses.{name}.{attack} has no accuracy per ε")
+
+
+def _json_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(path.glob("*.json"))
+        if not files:
+            raise PixgenError(f"{path} holds no .json files; pass pixgen evaluate results or a folder of them")
+        return files
+    if not path.exists():
+        raise PixgenError(f"evaluation {path} does not exist; check the path")
+    return [path]
+
+
+def load_evaluations(paths) -> list[Evaluation]:
+    """Every evaluation JSON named (folders: their *.json), in order, each once."""
+    if not paths:
+        raise PixgenError("no evaluation given: pass --eval PATH (a pixgen evaluate JSON or a folder of them)")
+    files = list(dict.fromkeys(f.resolve() for p in paths for f in _json_files(Path(p))))
+    evals, seen = [], {}
+    for file in files:
+        try:
+            doc = json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            _fail(file, f"unreadable JSON: {type(exc).__name__}")
+        _check(file, doc)
+        label = f"{Path(doc['model']['path']).name} ({doc['model'].get('method')})"
+        seen[label] = seen.get(label, 0) + 1
+        # The same model evaluated twice (other configs, other test sets) stays two lines.
+        evals.append(Evaluation(file, label if seen[label] == 1 else f"{label} #{seen[label]}", doc))
+    return evals
+
+
+def training_eps(model_path: str) -> float | None:
+    """The ε a robust model was trained for, from its meta.json; None when it cannot be read."""
+    try:
+        meta = json.loads((Path(model_path) / "meta.json").read_text())
+        eps = meta.get("eps", meta.get("config", {}).get("eps"))
+        return float(eps) if eps is not None else None
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def _rows(evals: list[Evaluation]) -> list[tuple[Evaluation, str]]:
+    """(evaluation, defence) pairs, the rows of the table and the series of the bar charts."""
+    return [(ev, d) for ev in evals for d in ("none", "dent") if d in ev.doc["defenses"]]
+
+
+def _row_label(ev: Evaluation, defense: str) -> str:
+    return ev.label if defense == "none" else f"{ev.label} + DENT"
+
+
+# ---------------------------------------------------------------- the summary table
+
+
+@dataclass(frozen=True)
+class Column:
+    header: str
+    better: str  # "max" or "min"
+    decimals: int
+    values: tuple  # one per row, in %, None where the evaluation lacks it
+
+
+def _at_eps(entry: dict | None, eps: float) -> float | None:
+    if not entry:
+        return None
+    for e, v in zip(entry["eps"], entry["worst"]):
+        if abs(e - eps) < EPS_TOL:
+            return v
+    return None
+
+
+def _get(results: dict, *keys):
+    for key in keys:
+        if not isinstance(results, dict) or key not in results:
+            return None
+        results = results[key]
+    return results
+
+
+def columns(evals: list[Evaluation], config: ReportConfig) -> list[Column]:
+    """Every scalar metric that at least one row has, as percentages."""
+    rows = [ev.doc["defenses"][d] for ev, d in _rows(evals)]
+    specs = [("clean acc.", "max", 1, lambda r: _get(r, "clean", "accuracy"))]
+    for attack, name in ATTACKS.items():
+        specs += [(f"{name} ε={e:g}", "max", 1, lambda r, a=attack, e=e: _at_eps(r.get(a), e)) for e in config.table_eps]
+    for e in sorted({e for r in rows for e in (_get(r, "autoattack", "eps") or [])}):
+        specs.append((f"AutoAttack ε={e:g}", "max", 1, lambda r, e=e: _at_eps(r.get("autoattack"), e)))
+    specs += [
+        ("MNIST-C mean", "max", 1, lambda r: _get(r, "corruptions", "mean")),
+        ("MNIST-C mean w/o affine", "max", 1, lambda r: _get(r, "corruptions", "mean_without_affine")),
+        ("RMS calib. error", "min", 2, lambda r: _get(r, "calibration", "rms")),
+        ("ECE", "min", 2, lambda r: _get(r, "calibration", "ece")),
+    ]
+    for ood in dict.fromkeys(name for r in rows for name in (r.get("ood") or {})):
+        specs += [
+            (f"{ood} AUROC", "max", 1, lambda r, o=ood: _get(r, "ood", o, "auroc")),
+            (f"{ood} AUPR", "max", 1, lambda r, o=ood: _get(r, "ood", o, "aupr")),
+            (f"{ood} FPR95", "min", 1, lambda r, o=ood: _get(r, "ood", o, "fpr95")),
+        ]
+    specs += [
+        ("consistency", "max", 1, lambda r: _get(r, "consistency", "consistency")),
+        ("flip rate", "min", 2, lambda r: _get(r, "consistency", "flip_rate")),
+    ]
+    for e in sorted({_get(r, "certify", "eps") for r in rows} - {None}):
+        specs.append((f"certified ε={e:g}", "max", 1, lambda r, e=e: _get(r, "certify", "accuracy") if _get(r, "certify", "eps") == e else None))
+    out = []
+    for header, better, decimals, get in specs:
+        values = tuple(None if (v := get(r)) is None else 100 * float(v) for r in rows)
+        if any(v is not None for v in values):
+            out.append(Column(f"{header} (%)", better, decimals, values))
+    return out
+
+
+def best_rows(column: Column) -> set[int]:
+    """Rows holding the column's best value as displayed (ties all count); none if fewer than two
+    rows have a value, where "best" would mean nothing."""
+    shown = {i: round(v, column.decimals) for i, v in enumerate(column.values) if v is not None}
+    if len(shown) < 2:
+        return set()
+    best = (max if column.better == "max" else min)(shown.values())
+    return {i for i, v in shown.items() if v == best}
+
+
+def _arrow(column: Column) -> str:
+    return "↑" if column.better == "max" else "↓"
+
+
+def _test_sets(evals: list[Evaluation]) -> str | None:
+    """A warning when the evaluations did not all use the same test digits."""
+    by_set = {}
+    for ev in evals:
+        test = ev.doc.get("data", {})
+        by_set.setdefault((test.get("test_count"), test.get("test_identity")), []).append(ev.label)
+    if len(by_set) < 2:
+        return None
+    listed = "; ".join(f"{count} digits ({identity}): {', '.join(labels)}" for (count, identity), labels in by_set.items())
+    return f"The evaluations used different test digits ({listed}), so their numbers are not strictly comparable."
+
+
+TABLE_NOTE = (
+    "All values in %. ↑: higher is better, ↓: lower is better; bold: best in its column. "
+    "Attack columns give, for DENT, the worst case of its standard, transfer and adaptive attacks "
+    "(a digit counts only if correct under all three); — : not evaluated."
+)
+
+
+def markdown(evals: list[Evaluation], cols: list[Column]) -> str:
+    rows = _rows(evals)
+    best = [best_rows(c) for c in cols]
+    lines = [
+        "| model | defence | " + " | ".join(f"{c.header} {_arrow(c)}" for c in cols) + " |",
+        "|---|---|" + "---:|" * len(cols),
+    ]
+    for i, (ev, d) in enumerate(rows):
+        cells = []
+        for c, b in zip(cols, best):
+            v = c.values[i]
+            text = "—" if v is None else f"{v:.{c.decimals}f}"
+            cells.append(f"**{text}**" if i in b else text)
+        lines.append(f"| {ev.label} | {d} | " + " | ".join(cells) + " |")
+    notes = [TABLE_NOTE] + ([w] if (w := _test_sets(evals)) else [])
+    return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
+
+
+def _html_table(evals: list[Evaluation], cols: list[Column]) -> str:
+    rows = _rows(evals)
+    best = [best_rows(c) for c in cols]
+    direction = {"max": "higher is better", "min": "lower is better"}
+    head = "".join(f'<th title="{direction[c.better]}">{html.escape(c.header)} {_arrow(c)}</th>' for c in cols)
+    body = []
+    for i, (ev, d) in enumerate(rows):
+        cells = []
+        for c, b in zip(cols, best):
+            v = c.values[i]
+            text = "—" if v is None else f"{v:.{c.decimals}f}"
+            cells.append(f'<td class="best"><b>{text}</b></td>' if i in b else f"<td>{text}</td>")
+        body.append(f"<tr><th>{html.escape(ev.label)}</th><td>{d}</td>{''.join(cells)}</tr>")
+    return f"<table><thead><tr><th>model</th><th>defence</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+# ---------------------------------------------------------------- figures
+
+
+def _new_figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, folder: Path, name: str) -> Path:
+    """PNG (embedded in the page) and SVG (for papers) of one figure; returns the PNG."""
+    import matplotlib
+
+    # A fixed salt and no date, so the same inputs give the same SVG bytes.
+    with matplotlib.rc_context({"svg.hashsalt": "pixgen-report"}):
+        fig.savefig(folder / f"{name}.svg", metadata={"Date": None})
+    fig.savefig(folder / f"{name}.png", dpi=150)
+    return folder / f"{name}.png"
+
+
+def _colors(evals: list[Evaluation]) -> dict[str, tuple]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if len(evals) <= 10 else "tab20"]
+    return {ev.label: cmap(i % cmap.N) for i, ev in enumerate(evals)}
+
+
+def accuracy_figure(evals: list[Evaluation], attack: str, config: ReportConfig, folder: Path) -> Path | None:
+    """Accuracy against ε, one colour per model: solid without defence, dashed DENT's worst case
+    (dash-dot its standard attack), a dotted vertical line at a robust model's training ε."""
+    from matplotlib.lines import Line2D
+
+    if not any(attack in ev.doc["defenses"].get(d, {}) for ev in evals for d in ("none", "dent")):
+        return None
+    colors = _colors(evals)
+    fig = _new_figure(11, 5.5)
+    ax = fig.add_subplot()
+    styles = {}
+    for ev in evals:
+        color = colors[ev.label]
+        none = ev.doc["defenses"].get("none", {}).get(attack)
+        dent = ev.doc["defenses"].get("dent", {}).get(attack)
+        if none:
+            ax.plot(none["eps"], 100 * np.asarray(none["worst"]), "-o", color=color, ms=4, lw=1.8)
+            styles["none"] = Line2D([], [], color="k", ls="-", marker="o", ms=4, label="no defence")
+        if dent:
+            ax.plot(dent["eps"], 100 * np.asarray(dent["worst"]), "--s", color=color, ms=4, lw=1.8)
+            styles["dent"] = Line2D([], [], color="k", ls="--", marker="s", ms=4, label="DENT, worst of standard/transfer/adaptive")
+            if config.dent_standard and "standard" in dent:
+                ax.plot(dent["eps"], 100 * np.asarray(dent["standard"]), "-.", color=color, lw=1.2, alpha=0.7)
+                styles["dent-standard"] = Line2D([], [], color="k", ls="-.", lw=1.2, alpha=0.7, label="DENT, standard attack only")
+        eps = training_eps(ev.doc["model"]["path"]) if ev.doc["model"].get("method") in ROBUST_METHODS else None
+        if eps is not None:
+            ax.axvline(eps, color=color, ls=":", lw=1.6)
+            styles["train"] = Line2D([], [], color="k", ls=":", lw=1.6, label="training ε (robust models)")
+    ax.set_xlim(0, 0.5)
+    ax.set_ylim(0, 101)
+    ax.set_xticks(np.linspace(0, 0.5, 6))
+    ax.set_xlabel("L∞ budget ε (pixel units, images in [0, 1])")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"MNIST test accuracy under {ATTACKS[attack]} against ε")
+    ax.grid(alpha=0.3)
+    # Outside the axes: inside, they would hide the curves' tails, where the robust models differ.
+    fig.legend(handles=[Line2D([], [], color=colors[ev.label], lw=2.5, label=ev.label) for ev in evals], title="model", loc="outside right upper", fontsize=9)
+    fig.legend(handles=list(styles.values()), title="line", loc="outside right lower", fontsize=9)
+    return _save(fig, folder, f"{attack}_accuracy")
+
+
+def _series(evals: list[Evaluation]) -> list[tuple[Evaluation, str, dict]]:
+    return [(ev, d, ev.doc["defenses"][d]) for ev, d in _rows(evals)]
+
+
+def _bars(ax, groups: list[str], series: list[tuple[str, tuple, bool, list]], value_format: str | None) -> None:
+    """Grouped bars: per group one bar per series (label, colour, hatched, values; None: no bar),
+    each labelled with its value in `value_format` unless that is None."""
+    width = 0.8 / max(len(series), 1)
+    x = np.arange(len(groups))
+    for k, (label, color, hatched, values) in enumerate(series):
+        shown = np.array([np.nan if v is None else v for v in values], dtype=float)
+        bars = ax.bar(x - 0.4 + width * (k + 0.5), shown, width, label=label, color=color, edgecolor="white" if not hatched else "black", hatch="///" if hatched else None, lw=0.5)
+        if value_format:
+            ax.bar_label(bars, labels=["" if np.isnan(v) else format(v, value_format) for v in shown], fontsize=7, padding=1)
+    ax.set_xticks(x, groups)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def corruption_figure(evals: list[Evaluation], folder: Path) -> Path | None:
+    series = [(ev, d, r["corruptions"]) for ev, d, r in _series(evals) if r.get("corruptions")]
+    if not series:
+        return None
+    names = list(dict.fromkeys(n for _, _, c in series for n in c["accuracy"]))
+    groups = ["clean (same digits)", *names, "mean", "mean w/o affine"]
+    colors = _colors(evals)
+    bars = []
+    for ev, d, c in series:
+        values = [c.get("identity_accuracy"), *(c["accuracy"].get(n) for n in names), c.get("mean"), c.get("mean_without_affine")]
+        bars.append((_row_label(ev, d), colors[ev.label], d == "dent", [None if v is None else 100 * v for v in values]))
+    fig = _new_figure(min(16, max(10, 0.12 * len(groups) * len(series) + 4)), 5.5)
+    ax = fig.add_subplot()
+    _bars(ax, groups, bars, None)
+    ax.set_xticks(ax.get_xticks(), groups, rotation=40, ha="right")
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+    ax.axvline(len(groups) - 2.5, color="gray", lw=0.8)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("MNIST-C: accuracy per corruption (hatched: DENT)")
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=9, ncols=min(len(bars), 4), loc="outside lower center")
+    return _save(fig, folder, "mnist_c")
+
+
+def calibration_figure(evals: list[Evaluation], folder: Path) -> Path | None:
+    series = [(ev, d, r["calibration"]) for ev, d, r in _series(evals) if r.get("calibration")]
+    if not series:
+        return None
+    colors = _colors(evals)
+    bars = [(_row_label(ev, d), colors[ev.label], d == "dent", [100 * c.get("rms", np.nan), 100 * c.get("ece", np.nan)]) for ev, d, c in series]
+    fig = _new_figure(min(14, max(8, 0.6 * len(bars) + 5)), 4.5)
+    ax = fig.add_subplot()
+    _bars(ax, ["RMS calibration error\n(adaptive bins of 100)", "ECE\n(15 equal-width bins)"], bars, ".2f")
+    ax.set_ylabel("calibration error (%), lower is better")
+    ax.set_title("Calibration on the clean test digits (hatched: DENT)")
+    ax.margins(y=0.15)
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=9, loc="outside right upper")
+    return _save(fig, folder, "calibration")
+
+
+def ood_figure(evals: list[Evaluation], folder: Path) -> Path | None:
+    series = [(ev, d, r["ood"]) for ev, d, r in _series(evals) if r.get("ood")]
+    if not series:
+        return None
+    sets = list(dict.fromkeys(n for _, _, o in series for n in o))
+    colors = _colors(evals)
+    fig = _new_figure(min(14, max(9, 0.35 * len(sets) * len(series) + 3)), 8.5)
+    axes = fig.subplots(2, 1)
+    for ax, (metric, title) in zip(axes, [("auroc", "AUROC (%), higher is better"), ("fpr95", "FPR at 95% TPR (%), lower is better")]):
+        bars = [(_row_label(ev, d), colors[ev.label], d == "dent", [None if _get(o, s, metric) is None else 100 * o[s][metric] for s in sets]) for ev, d, o in series]
+        _bars(ax, sets, bars, ".1f")
+        ax.set_ylim(0, 108)
+        ax.set_ylabel(title)
+        ax.set_xlabel("out-of-distribution set")
+    axes[0].axhline(50, color="gray", lw=0.8, ls="--")
+    axes[0].set_title("OOD detection by max softmax: AUROC (50 = chance)")
+    axes[1].set_title("OOD detection: FPR at 95% TPR")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4), fontsize=8)
+    return _save(fig, folder, "ood")
+
+
+def grid_figure(rows: list[np.ndarray], labels: list[str] | None, title: str, ncol: int, folder: Path, name: str, wrong=None, predicted=None) -> Path:
+    """Rows of uint8 images (k ≤ ncol, 28, 28) tiled by pixgen.grids.tile, with a label per row;
+    `wrong`/`predicted` (per row, per image) frame misclassified digits in red with their class."""
+    from matplotlib.patches import Rectangle
+
+    from .grids import tile
+
+    h, w = rows[0].shape[1:]
+    padded = [np.concatenate([r, np.full((ncol - len(r), h, w), 128, np.uint8)]) for r in rows]
+    picture = tile(np.concatenate(padded), ncol=ncol, scale=1)
+    label_width = 0 if labels is None else 0.075 * max(len(s) for s in labels) + 0.3
+    px = 0.022  # inches per image pixel: a 28-pixel digit is 0.62 in
+    fig = _new_figure(picture.shape[1] * px + label_width + 0.3, picture.shape[0] * px + 0.6)
+    ax = fig.add_subplot()
+    ax.imshow(picture, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    ax.set_xticks([])
+    centres = [1 + r * (h + 1) + h / 2 for r in range(len(rows))]
+    ax.set_yticks(centres if labels else [], labels or [])
+    ax.tick_params(axis="y", length=0, labelsize=9)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    for r, row_wrong in enumerate(wrong or []):
+        for c, bad in enumerate(row_wrong):
+            if bad:
+                x0, y0 = 1 + c * (w + 1) - 0.5, 1 + r * (h + 1) - 0.5
+                ax.add_patch(Rectangle((x0, y0), w, h, fill=False, ec="red", lw=1.5))
+                ax.text(x0 + w - 1, y0 + 1, str(predicted[r][c]), color="white", fontsize=7, ha="right", va="top", weight="bold", bbox={"facecolor": "red", "edgecolor": "none", "pad": 1})
+    ax.set_title(title, fontsize=10)
+    return _save(fig, folder, name)
+
+
+def mixing_grid(path, kind: str, config: ReportConfig, folder: Path) -> Path:
+    group = assets.open_asset(path)
+    if "images" not in group or group["images"].ndim != 3:
+        raise PixgenError(f"{path} is not a mixing set (needs an images array (N, H, W)); pass a pixgen {kind} asset")
+    images = group["images"][: config.grid_count]
+    rows = [images[i : i + config.columns] for i in range(0, len(images), config.columns)]
+    return grid_figure(rows, None, f"{kind} mixing pictures: the first {len(images)} of {group['images'].shape[0]:,}", config.columns, folder, f"{kind}_grid")
+
+
+def shards_grid(path, config: ReportConfig, folder: Path, data_root) -> Path:
+    group = assets.open_asset(path, stage="augment")
+    images = group["images"]
+    n = min(config.columns, images.shape[1])
+    clean = data.load("mnist", "train", data_root)[0][group["indices"][:n]]
+    epochs = min(images.shape[0], 4)
+    rows = [clean] + [images[e, :n] for e in range(epochs)]
+    labels = ["MNIST digit"] + [f"PixMix, epoch {e}" for e in range(epochs)]
+    return grid_figure(rows, labels, f"PixMix shards: the first {n} training digits and their PixMix copies", config.columns, folder, "shards_grid")
+
+
+def mnist_c_grid(path, config: ReportConfig, folder: Path, data_root) -> Path:
+    group = assets.open_asset(path, stage="corrupt")
+    n = min(config.columns, group["labels"].shape[0])
+    clean = data.load("mnist", "test", data_root)[0][group["indices"][:n]]
+    names = list(group.attrs["corruptions"])
+    rows = [clean] + [group["images"][c, :n] for c in range(len(names))]
+    return grid_figure(rows, ["clean", *names], "MNIST-C: the same test digits under each corruption", config.columns, folder, "mnist_c_grid")
+
+
+def adversarial_grid(model_dir, config: ReportConfig, folder: Path, data_root) -> Path:
+    """FGSM and PGD-40 digits of one model at each of config.adv_eps, wrong predictions framed."""
+    import torch
+
+    from . import attacks
+    from .evaluate import SUBSET_SEED, perturb, to_tensor
+
+    device = models.device()
+    net, meta = models.load(model_dir, map_location=device)
+    net.requires_grad_(False)
+    images, labels = data.load("mnist", "test", data_root)
+    index = data.balanced_subset(labels, config.columns, SUBSET_SEED)
+    x, y = to_tensor(images[index], device), torch.as_tensor(labels[index], device=device)
+    rows, row_labels, wrong, predicted = [], [], [], []
+    for attack, name in ATTACKS.items():
+        for eps in config.adv_eps:
+            adv = perturb(net, attack, eps, x, y, (config.seed, attacks.ATTACKS.index(attack), round(eps * 1e6)))
+            with torch.no_grad():
+                pred = net(adv).argmax(1)
+            bad = (pred != y).cpu().numpy()
+            rows.append((adv[:, 0].cpu().numpy() * 255).round().astype(np.uint8))
+            row_labels.append(f"{name} ε={eps:g}: {int((~bad).sum())}/{len(y)} correct")
+            wrong.append(bad.tolist())
+            predicted.append(pred.cpu().numpy().tolist())
+    title = f"Adversarial digits for {Path(model_dir).name} ({meta.get('method')}); red frame: misclassified, as the class in its corner"
+    return grid_figure(rows, row_labels, title, config.columns, folder, "adversarial_grid", wrong, predicted)
+
+
+# ---------------------------------------------------------------- the page
+
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1300px; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; font-size: 13px; display: block; overflow-x: auto; }
+th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: right; white-space: nowrap; }
+thead th { background: #f3f3f3; white-space: normal; min-width: 4em; vertical-align: bottom; }
+tbody th { text-align: left; }
+td.best { background: #e6f4e6; }
+figure { margin: 1.5em 0; }
+figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { font-size: 14px; color: #444; max-width: 70em; }
+.note { font-size: 13px; color: #555; }
+"""
+
+# Lets a headless browser confirm that every embedded image decoded (read back from the DOM).
+CHECK_SCRIPT = """
+window.addEventListener("load", function () {
+  var images = Array.prototype.slice.call(document.images);
+  var decoded = images.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+  document.body.setAttribute("data-images", decoded + "/" + images.length);
+});
+"""
+
+
+def _data_uri(png: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
+
+
+def page(evals: list[Evaluation], cols: list[Column], figures: list[tuple[str, Path, str]]) -> str:
+    inputs = "".join(
+        f"<tr><th>{html.escape(ev.label)}</th><td>{html.escape(str(ev.doc['model'].get('arch')))}</td>"
+        f"<td>{', '.join(ev.doc['defenses'])}</td><td>{ev.doc.get('data', {}).get('test_count')}</td>"
+        f"<td>{html.escape(str(ev.doc.get('device')))}</td><td>{ev.doc.get('seconds')}</td>"
+        f"<td style='text-align:left'>{html.escape(str(ev.path))}</td></tr>"
+        for ev in evals
+    )
+    warning = _test_sets(evals)
+    sections = "".join(
+        f'<figure id="{png.stem}"><h3>{html.escape(title)}</h3><img src="{_data_uri(png)}" alt="{html.escape(title)}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        for title, png, caption in figures
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>pixgen report</title>
+<style>{CSS}</style></head>
+<body>
+<h1>pixgen report</h1>
+<p class="note">pixgen {__version__}. Self-contained page: every figure is embedded; each also lies beside
+this page as PNG and SVG.</p>
+<h2>Evaluations</h2>
+<table><thead><tr><th>model</th><th>arch</th><th>defences</th><th>test digits</th><th>device</th><th>seconds</th><th>file</th></tr></thead>
+<tbody>{inputs}</tbody></table>
+{f'<p class="note"><b>Warning:</b> {html.escape(warning)}</p>' if warning else ''}
+<h2>Summary</h2>
+{_html_table(evals, cols)}
+<p class="note">{html.escape(TABLE_NOTE)}</p>
+<h2>Figures</h2>
+{sections}
+<script>{CHECK_SCRIPT}</script>
+</body></html>
+"""
+
+
+CAPTIONS = {
+    "fgsm": "One colour per model. Solid: no defence; dashed: DENT, a digit counted only if correct under its standard, "
+    "transfer and adaptive attacks; dash-dot: DENT under the standard attack alone; dotted vertical: a robust model's training ε.",
+    "calibration": "The evaluation JSON stores the calibration errors, not per-bin confidences, so this shows the errors "
+    "instead of reliability diagrams.",
+    "ood": "The evaluation JSON stores AUROC, AUPR and FPR95, not ROC points, so this shows those instead of ROC curves. "
+    "Anomaly score: −max softmax probability; out-of-distribution is the positive class.",
+}
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _is_report(path: Path) -> bool:
+    try:
+        return json.loads((path / MARKER).read_text()).get("stage") == "report"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise PixgenError(f"{out} is a file; --out must be a folder")
+    if out.is_dir() and any(out.iterdir()) and not _is_report(out):
+        raise PixgenError(f"{out} is not empty and holds no pixgen report ({MARKER}); choose another --out or empty it")
+
+
+def _asset_input(path) -> dict | None:
+    if path is None:
+        return None
+    return {"path": str(path), "id": assets.asset_id(dict(assets.open_asset(path).attrs))}
+
+
+def run(config: ReportConfig, evals, out, *, fractals=None, featvis=None, shards=None, mnist_c=None, model=None, data_root=None) -> Path:
+    """Write the report of the evaluation JSONs `evals` (files or folders) into `out`; return index.html."""
+    out = Path(out)
+    evaluations = load_evaluations(evals)
+    _check_out(out)
+    # Opening the assets checks them before any drawing starts.
+    inputs = {"fractals": _asset_input(fractals), "featvis": _asset_input(featvis), "shards": _asset_input(shards), "mnist_c": _asset_input(mnist_c)}
+    if model is not None:
+        models.read_meta(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the report should read like any folder
+    try:
+        cols = columns(evaluations, config)
+        figures = []
+        for attack, name in ATTACKS.items():
+            if png := accuracy_figure(evaluations, attack, config, tmp):
+                figures.append((f"{name} accuracy against ε", png, CAPTIONS["fgsm"]))
+        if png := corruption_figure(evaluations, tmp):
+            figures.append(("MNIST-C accuracy per corruption", png, "Shear, scale, rotate and translate are the affine corruptions that PixMix's own ops overlap."))
+        if png := calibration_figure(evaluations, tmp):
+            figures.append(("Calibration error", png, CAPTIONS["calibration"]))
+        if png := ood_figure(evaluations, tmp):
+            figures.append(("Out-of-distribution detection", png, CAPTIONS["ood"]))
+        for kind, path in (("fractals", fractals), ("featvis", featvis)):
+            if path is not None:
+                figures.append((f"{kind} mixing set", mixing_grid(path, kind, config, tmp), str(path)))
+        if shards is not None:
+            figures.append(("PixMix shards", shards_grid(shards, config, tmp, data_root), str(shards)))
+        if mnist_c is not None:
+            figures.append(("MNIST-C", mnist_c_grid(mnist_c, config, tmp, data_root), str(mnist_c)))
+        if model is not None:
+            figures.append(("Adversarial digits", adversarial_grid(model, config, tmp, data_root), f"{model}; PGD-40: step ε/4, random start (seed {config.seed})."))
+        (tmp / "summary.md").write_text(markdown(evaluations, cols))
+        (tmp / "index.html").write_text(page(evaluations, cols, figures))
+        marker = {
+            "pixgen_version": __version__,
+            "stage": "report",
+            "config": to_dict(config),
+            "config_hash": config_hash(config),
+            "inputs": {
+                "evals": [{"path": str(ev.path), "model": ev.doc["model"], "config_hash": ev.doc.get("config_hash")} for ev in evaluations],
+                **inputs,
+                "model": None if model is None else {"path": str(model)},
+            },
+            "files": sorted(p.name for p in tmp.iterdir()) + [MARKER],
+        }
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2))
+        _check_out(out)  # again: something may have appeared there while the figures were drawn
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out / "index.html"

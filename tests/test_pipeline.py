@@ -1,0 +1,130 @@
+"""Pipelines: the smoke study end to end, caching (a second run does nothing; a config change reruns
+exactly the stages downstream of it), resuming after a failed stage, and bad pipeline files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, pixgen
+from pixgen import PixgenError, pipeline
+
+SMOKE = REPO / "pipelines" / "smoke.yaml"
+
+
+def ran(proc) -> list[str]:
+    """Names of the stages a `pixgen run` actually ran, from its progress lines."""
+    return [line.split()[1] for line in proc.stderr.splitlines() if line.startswith("[") and ": running " in line]
+
+
+def mtimes(root: Path) -> dict[str, float]:
+    return {str(p.relative_to(root)): p.stat().st_mtime for p in root.rglob("*") if p.is_file() and p.name != pipeline.STATE}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> tuple[Path, object]:
+    root = tmp_path_factory.mktemp("smoke")
+    return root, pixgen("run", SMOKE, "--root", root)
+
+
+def test_smoke_pipeline_runs_every_stage_in_order(smoke):
+    root, proc = smoke
+    stages = [s.name for s in pipeline.load(SMOKE)]
+    assert ran(proc) == stages
+    state = json.loads((root / pipeline.STATE).read_text())["stages"]
+    assert set(state) == set(stages)
+    assert stages.index("shards") > max(stages.index("fractals"), stages.index("featvis"))
+    for name in ("standard", "pixmix", "primal", "dual"):
+        result = json.loads((root / f"eval-{name}" / f"{name}.json").read_text())
+        assert set(result["defenses"]) == {"none", "dent"}
+        assert result["model"]["path"].endswith(name)
+    assert "certify" in json.loads((root / "eval-dual" / "dual.json").read_text())["defenses"]["none"]
+    assert json.loads((root / "pixmix" / "meta.json").read_text())["shards"]
+
+
+def test_second_run_is_a_no_op(smoke):
+    root, _ = smoke
+    before = mtimes(root)
+    proc = pixgen("run", SMOKE, "--root", root)
+    assert ran(proc) == []
+    assert proc.stderr.count(": cached") == len(pipeline.load(SMOKE))
+    assert mtimes(root) == before
+
+
+def edited(tmp_path: Path, edit) -> Path:
+    doc = yaml.safe_load(SMOKE.read_text())
+    edit(doc["stages"])
+    path = tmp_path / "edited.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_config_change_reruns_exactly_the_dependent_stages(smoke, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(smoke[0], root)
+    before = mtimes(root)
+    path = edited(tmp_path, lambda s: s["shards"]["with"].update(seed=7))
+    assert ran(pixgen("run", path, "--root", root)) == ["shards", "pixmix", "eval-pixmix"]
+    after = mtimes(root)
+    changed = {name.split("/")[0] for name in after if after[name] != before.get(name)}
+    assert changed == {"shards.zarr", "pixmix", "eval-pixmix"}
+    assert ran(pixgen("run", path, "--root", root)) == []
+
+
+def test_failed_stage_stops_the_run_and_a_rerun_continues_from_it(tmp_path):
+    doc = {
+        "stages": {
+            "fractals": {"run": "fractals", "with": {"count": 16, "points": 2000, "chunk": 8}},
+            "shards": {"run": "augment", "from": {"mixing": "fractals"}, "with": {"train-size": 100, "chunk": 50, "ops": "rotate,bogus"}},
+        }
+    }
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    root = tmp_path / "root"
+    proc = pixgen("run", path, "--root", root, check=False)
+    assert proc.returncode != 0
+    assert "stage 'shards' (pixgen augment) failed" in proc.stderr.splitlines()[-1]
+    assert list(json.loads((root / pipeline.STATE).read_text())["stages"]) == ["fractals"]
+    doc["stages"]["shards"]["with"]["ops"] = "rotate"
+    path.write_text(yaml.safe_dump(doc))
+    proc = pixgen("run", path, "--root", root)
+    assert ran(proc) == ["shards"]
+    assert "fractals (fractals): cached" in proc.stderr
+
+
+BAD = {
+    "unknown stage command": ({"a": {"run": "bake"}}, "unknown stage command 'bake'"),
+    "missing input": ({"a": {"run": "train", "from": {"shards": "nowhere"}}}, "reads --shards from 'nowhere', which is not a stage"),
+    "cycle": (
+        {"a": {"run": "featvis", "from": {"model": "b"}}, "b": {"run": "train", "from": {"shards": "a"}}},
+        "the stages a, b depend on each other in a cycle",
+    ),
+    "unknown option": ({"a": {"run": "fractals", "with": {"colour": "red"}}}, "has no option --colour"),
+    "reserved option": ({"a": {"run": "fractals", "with": {"out": "x.zarr"}}}, "has no option --out"),
+    "bad stage shape": ({"a": ["fractals"]}, "must be a mapping with keys run, with"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_pipeline_files_are_refused_with_one_line(case, tmp_path):
+    stages, message = BAD[case]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"stages": stages}))
+    with pytest.raises(PixgenError, match="^" + str(path).replace(".", r"\.")) as err:
+        pipeline.load(path)
+    assert message in str(err.value)
+
+
+def test_cli_bad_pipeline_exits_non_zero_with_one_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("stages: [fractals\n")
+    proc = pixgen("run", path, "--root", tmp_path / "root", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and "is not valid YAML" in proc.stderr
+    assert not (tmp_path / "root").exists()
+    missing = pixgen("run", tmp_path / "none.yaml", check=False)
+    assert missing.returncode == 1 and "cannot read pipeline" in missing.stderr

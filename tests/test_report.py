@@ -1,0 +1,213 @@
+"""The report: the summary table (every model, the best value per column marked, in the right
+direction), the figures and grids it writes, its self-contained page rendered in headless
+Chromium, replacing only a previous report, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import pixgen
+from pixgen import PixgenError, assets, models, report
+
+EPS = [0.0, 0.1, 0.2, 0.3]
+CORRUPTIONS = ["shot_noise", "rotate", "fog"]
+
+
+def evaluation(model_path, method, clean, fgsm, ece, fpr95, dent=True, certify=None) -> dict:
+    """A pixgen evaluate result with known numbers (the DENT entry slightly better everywhere)."""
+
+    def defense(shift):
+        curve = [min(1.0, v + shift) for v in fgsm]
+        results = {
+            "clean": {"accuracy": clean},
+            "fgsm": {"eps": EPS, "standard": curve, "worst": curve},
+            "pgd": {"eps": [0.0, 0.2], "standard": [clean, curve[2] / 2], "worst": [clean, curve[2] / 2]},
+            "corruptions": {"count": 10, "identity_accuracy": clean, "accuracy": {n: clean - 0.1 * i for i, n in enumerate(CORRUPTIONS)}, "mean": clean - 0.1, "mean_without_affine": clean - 0.1},
+            "calibration": {"rms": ece / 2, "ece": ece},
+            "ood": {"uniform": {"auroc": 1 - fpr95 / 2, "aupr": 0.9, "fpr95": fpr95}},
+            "consistency": {"max_shift": 2, "consistency": 0.9, "flip_rate": 0.03},
+        }
+        if shift:
+            results["fgsm"].update(transfer=curve, adaptive=curve)
+        return results
+
+    defenses = {"none": defense(0.0)}
+    if certify is not None:
+        defenses["none"]["certify"] = {"eps": 0.1, "count": 10, "accuracy": certify}
+    if dent:
+        defenses["dent"] = defense(0.01)
+    return {
+        "pixgen_version": "0.1.0",
+        "stage": "evaluate",
+        "model": {"path": str(model_path), "arch": "wk-small", "method": method, "config_hash": "0", "weights_hash": "0"},
+        "config": {},
+        "data": {"test_count": 100, "test_identity": "abc", "mnist_c": None},
+        "device": "cpu",
+        "seconds": 1.0,
+        "defenses": defenses,
+    }
+
+
+@pytest.fixture(scope="module")
+def evals(tmp_path_factory) -> Path:
+    """Three evaluations: pgd-net is the most robust, pixmix-net the best calibrated and best at
+    OOD, std-net and pixmix-net tie on clean accuracy; pgd-net's meta.json says ε 0.3."""
+    root = tmp_path_factory.mktemp("evals")
+    robust = root / "models" / "pgd-net"
+    robust.mkdir(parents=True)
+    (robust / "meta.json").write_text(json.dumps({"stage": "train", "arch": "wk-small", "method": "pgd", "eps": 0.3}))
+    docs = {
+        "std-net": evaluation(root / "models" / "std-net", "standard", 0.99, [0.99, 0.4, 0.05, 0.0], ece=0.02, fpr95=0.5),
+        "pixmix-net": evaluation(root / "models" / "pixmix-net", "pixmix", 0.99, [0.99, 0.5, 0.1, 0.01], ece=0.005, fpr95=0.1, dent=False),
+        "pgd-net": evaluation(robust, "pgd", 0.97, [0.97, 0.95, 0.9, 0.85], ece=0.03, fpr95=0.6, certify=0.8),
+    }
+    folder = root / "results"
+    folder.mkdir()
+    for name, doc in docs.items():
+        (folder / f"{name}.json").write_text(json.dumps(doc))
+    return folder
+
+
+def small_asset(path: Path, stage: str, arrays: dict[str, np.ndarray], attrs: dict | None = None) -> Path:
+    specs = {k: assets.ArraySpec(v.shape, v.shape, str(v.dtype)) for k, v in arrays.items()}
+    assets.prepare(path, stage=stage, config={"test": stage}, arrays=specs, units=1, attrs=attrs)
+    assets.write_unit(path, 0, {k: ((slice(None),) * v.ndim, v) for k, v in arrays.items()})
+    assets.finish(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def built(evals, tmp_path_factory) -> Path:
+    """A report with every kind of input: evaluations, two mixing sets, shards, MNIST-C and a model."""
+    import torch
+
+    root = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(0)
+    pictures = {"images": rng.integers(0, 256, (20, 28, 28), dtype=np.uint8)}
+    indices = np.arange(6, dtype=np.int64)
+    torch.manual_seed(0)
+    models.save(root / "net", models.build("wk-small"), {"arch": "wk-small", "method": "standard", "complete": True})
+    config = report.ReportConfig(grid_count=8, columns=6, adv_eps=(0.0, 0.2))
+    index = report.run(
+        config, [evals], tmp_path_factory.mktemp("out") / "report",
+        fractals=small_asset(root / "fractals.zarr", "fractals", pictures),
+        featvis=small_asset(root / "featvis.zarr", "featvis", pictures),
+        shards=small_asset(root / "shards.zarr", "augment", {"images": rng.integers(0, 256, (2, 6, 28, 28), dtype=np.uint8), "indices": indices, "labels": indices}),
+        mnist_c=small_asset(root / "mnist_c.zarr", "corrupt", {"images": rng.integers(0, 256, (3, 6, 28, 28), dtype=np.uint8), "indices": indices, "labels": indices}, {"corruptions": CORRUPTIONS}),
+        model=root / "net",
+    )  # fmt: skip
+    return index.parent
+
+
+def table(summary: str) -> tuple[list[str], list[list[str]]]:
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in summary.splitlines() if line.startswith("|")]
+    return rows[0], rows[2:]
+
+
+def test_summary_marks_the_best_of_every_model_in_its_direction(built):
+    header, rows = table((built / "summary.md").read_text())
+    assert [(r[0], r[1]) for r in rows] == [
+        ("pgd-net (pgd)", "none"), ("pgd-net (pgd)", "dent"), ("pixmix-net (pixmix)", "none"),
+        ("std-net (standard)", "none"), ("std-net (standard)", "dent"),
+    ]  # fmt: skip
+
+    def bold(column: str) -> set[tuple[str, str]]:
+        i = next(k for k, h in enumerate(header) if h.startswith(column))
+        return {(r[0].split()[0], r[1]) for r in rows if r[i].startswith("**")}
+
+    assert bold("clean acc.") == {("pixmix-net", "none"), ("std-net", "none"), ("std-net", "dent")}  # ties at 99.0 all count
+    assert bold("FGSM ε=0.3") == {("pgd-net", "dent")}  # higher is better
+    assert bold("ECE") == {("pixmix-net", "none")}  # lower is better
+    assert bold("uniform FPR95") == {("pixmix-net", "none")}
+    assert bold("certified ε=0.1") == set()  # one value: nothing to compare
+    assert any(h.startswith("ECE (%) ↓") for h in header) and any(h.startswith("clean acc. (%) ↑") for h in header)
+    certified = header.index("certified ε=0.1 (%) ↑")
+    assert [r[certified] for r in rows] == ["80.0", "—", "—", "—", "—"]
+    assert not any(h.startswith("PGD-40 ε=0.1") for h in header)  # no evaluation ran it: no empty column
+    html = (built / "index.html").read_text()
+    assert html.count('class="best"') == sum(r.count("**") // 2 for r in (" ".join(row) for row in rows))
+
+
+def test_figures_and_grids_are_written_as_png_and_svg(built):
+    names = ["fgsm_accuracy", "pgd_accuracy", "mnist_c", "calibration", "ood", "fractals_grid", "featvis_grid", "shards_grid", "mnist_c_grid", "adversarial_grid"]
+    for name in names:
+        png, svg = built / f"{name}.png", built / f"{name}.svg"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert svg.stat().st_size > 1000 and b"<svg" in svg.read_bytes()[:2000], name
+    html = (built / "index.html").read_text()
+    sources = re.findall(r'<img src="([^"]*)"', html)
+    assert len(sources) == len(names) and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert not re.search(r'(src|href)="(?!data:)', html)  # nothing outside the page
+    marker = json.loads((built / "report.json").read_text())
+    assert marker["stage"] == "report" and len(marker["inputs"]["evals"]) == 3
+    assert not [p for p in built.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_training_eps_from_meta(evals):
+    assert report.training_eps(evals.parent / "models" / "pgd-net") == 0.3
+    assert report.training_eps(evals.parent / "models" / "missing") is None
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")), reason="no chromium or chromium-browser on PATH to render index.html")
+def test_page_renders_in_headless_chromium(built):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    proc = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000", "--dump-dom", (built / "index.html").as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    images = len(re.findall(r"<img ", proc.stdout))
+    assert images == 10
+    # Set by the page's own script once loaded: images whose naturalWidth > 0 / all images.
+    assert f'data-images="{images}/{images}"' in proc.stdout
+    assert "pgd-net (pgd)" in proc.stdout
+
+
+def test_rerun_replaces_a_report_and_nothing_else(evals, tmp_path):
+    out = tmp_path / "report"
+    proc = pixgen("report", "--eval", evals, "--out", out, "--table-eps", "0.1,0.3")
+    assert proc.stdout.strip() == f"output: {out / 'index.html'}"
+    report.run(report.ReportConfig(table_eps=(0.2,)), [evals / "std-net.json"], out)
+    _, rows = table((out / "summary.md").read_text())
+    assert {r[0] for r in rows} == {"std-net (standard)"}
+    assert not (out / "mnist_c_grid.png").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(PixgenError, match="not empty and holds no pixgen report"):
+        report.run(report.ReportConfig(), [evals], other)
+    assert (other / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "does not exist"),
+        ("not-evaluate", "is not a pixgen evaluate result"),
+        ("broken", "is not a pixgen evaluate result"),
+        ("none", "no evaluation given"),
+    ],
+)
+def test_bad_inputs_fail_with_one_line(case, message, evals, tmp_path):
+    args = {
+        "missing": ["--eval", tmp_path / "nope.json"],
+        "not-evaluate": ["--eval", tmp_path / "train.json"],
+        "broken": ["--eval", tmp_path / "broken.json"],
+        "none": [],
+    }[case]
+    (tmp_path / "train.json").write_text(json.dumps({"stage": "train", "arch": "wk-small"}))
+    (tmp_path / "broken.json").write_text('{"stage": "evaluate", ')
+    proc = pixgen("report", *args, "--out", tmp_path / "out", check=False)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not (tmp_path / "out").exists()
+
