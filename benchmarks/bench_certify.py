@@ -7,7 +7,7 @@
    is a trained one: the model folder given as the first argument, else wk-small IBP-trained
    here for 2 epochs on 2,000 digits (a few seconds).
 2. `ibp training`: images per second of an IBP training step at its defaults (batch 100) against
-   a dual step at its defaults (batch 50, 10 projections), untrained wk-small, at ε 0.1.
+   a dual step at its defaults (batch 32, 10 projections), untrained wk-small, at ε 0.1.
 Run from the repository root: `.venv/bin/python benchmarks/bench_certify.py [MODEL]` (or `make bench`).
 """
 

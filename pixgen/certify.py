@@ -39,6 +39,7 @@ ASCENT_LR, ASCENT_DECAY = 0.5, 0.98  # Adam on α with exponential decay, α-CRO
 # TRAIN_EPS_FACTOR (Gowal et al.), because a network trained exactly at ε certifies less at ε.
 KAPPA = 0.5
 TRAIN_EPS_FACTOR = 1.1
+LP_SOLVERS = ("highs", "highs-ipm")  # tried in turn (see lp_margins)
 
 
 @dataclass(frozen=True)
@@ -254,9 +255,10 @@ def affine_matrices(model: nn.Sequential, shapes) -> list[tuple]:
 def lp_margins(affine, x_lo: np.ndarray, x_hi: np.ndarray, bounds, label: int) -> np.ndarray:
     """(K,) LP lower bounds on z_y − z_j for one digit: variables are the pixels, and for every ReLU
     its active and ambiguous pre-activations z (inactive ones are 0 and dropped) and the outputs a
-    of its ambiguous units, with a ≥ 0, a ≥ z, a ≤ u (z − l)/(u − l). The bounds l ≤ z ≤ u come from
-    the dual pass; they are implied by the relaxation of the earlier layers, so they leave the
-    optimum as it is but help HiGHS's presolve. One constraint matrix serves all K objectives."""
+    of its ambiguous units, with a ≥ 0, a ≥ z, a ≤ u (z − l)/(u − l), the [l, u] from the dual pass.
+    Those bounds are implied by the relaxation of the earlier layers, so they are not added as
+    variable bounds: on nets with nearly fixed units (width 1e-12) they left HiGHS, within its
+    tolerances, no feasible point. One constraint matrix serves all K objectives."""
     from scipy import sparse
     from scipy.optimize import linprog
 
@@ -276,8 +278,8 @@ def lp_margins(affine, x_lo: np.ndarray, x_hi: np.ndarray, bounds, label: int) -
         eq.append((np.concatenate([rows, n_eq + block.row]), np.concatenate([z, columns[live][block.col]]), np.concatenate([np.ones(len(kept)), -block.data])))
         eq_rhs.append(bias[kept])
         n_eq += len(kept)
-        lo.append(lower[kept])
-        hi.append(upper[kept])
+        lo.append(np.full(len(kept), -np.inf))
+        hi.append(np.full(len(kept), np.inf))
         l, u = lower[kept], upper[kept]
         ambiguous = np.flatnonzero(l < 0)
         a = n_vars + np.arange(len(ambiguous))
@@ -290,7 +292,7 @@ def lp_margins(affine, x_lo: np.ndarray, x_hi: np.ndarray, bounds, label: int) -
         ub_rhs.append(np.concatenate([np.zeros_like(slope), -slope * l[ambiguous]]))
         n_ub += 2 * len(ambiguous)
         lo.append(np.zeros(len(ambiguous)))
-        hi.append(u[ambiguous])
+        hi.append(np.full(len(ambiguous), np.inf))
         columns = np.full(len(lower), -1)
         columns[kept] = z
         columns[kept[ambiguous]] = a
@@ -311,8 +313,13 @@ def lp_margins(affine, x_lo: np.ndarray, x_hi: np.ndarray, bounds, label: int) -
             continue
         cost = np.zeros(n_vars)
         cost[columns[live]] = logits[label] - logits[j]
-        result = linprog(cost, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=b_eq, bounds=var_bounds, method="highs")
-        if result.status != 0:
+        # HiGHS's simplex now and then stalls on the thin feasible sets of nets with many nearly
+        # fixed units (IBP-trained ones); its interior-point solver, with crossover, gets through.
+        for solver in LP_SOLVERS:
+            result = linprog(cost, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=b_eq, bounds=var_bounds, method=solver)
+            if result.status == 0:
+                break
+        else:
             raise PixgenError(f"HiGHS did not solve the LP of class {j} (status {result.status}: {result.message})")
         margins[j] = result.fun + bias[label] - bias[j]
     return margins

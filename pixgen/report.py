@@ -5,6 +5,8 @@ given, image assets and one model folder, and writes to `out`: accuracy-against-
 FGSM and PGD, MNIST-C, calibration and OOD bar charts, image grids (each as PNG and SVG),
 `summary.md` (the table of every scalar metric per model and defence), `index.html` (the table and
 every figure embedded as data URIs, so the page is one file) and `report.json` (inputs and config).
+Certify assets (`certify=`) add a certified-accuracy table (network × bound and ε, matched to the
+evaluations by weights hash) and `certify_bounds`, the dual and dual-opt bounds against the LP's.
 
 Evaluation JSONs hold scalars only (calibration errors, AUROC/AUPR/FPR95), not reliability bins
 or ROC points, so those are drawn as bars. The report is written into a temporary folder beside
@@ -235,7 +237,7 @@ TABLE_NOTE = (
 )
 
 
-def markdown(evals: list[Evaluation], cols: list[Column]) -> str:
+def markdown(evals: list[Evaluation], cols: list[Column], certs: list[Certificate] = (), cert_notes: list[str] = ()) -> str:
     rows = _rows(evals)
     best = [best_rows(c) for c in cols]
     lines = [
@@ -249,8 +251,9 @@ def markdown(evals: list[Evaluation], cols: list[Column]) -> str:
             text = "—" if v is None else f"{v:.{c.decimals}f}"
             cells.append(f"**{text}**" if i in b else text)
         lines.append(f"| {ev.label} | {d} | " + " | ".join(cells) + " |")
-    notes = [TABLE_NOTE] + ([w] if (w := _test_sets(evals)) else [])
-    return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
+    notes = [TABLE_NOTE] + ([CERTIFIED_COLUMNS_NOTE] if _asset_columns(cols) else []) + ([w] if (w := _test_sets(evals)) else [])
+    text = "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
+    return text + ("\n" + certified_markdown(certs, evals, cert_notes) if certs else "")
 
 
 def _html_table(evals: list[Evaluation], cols: list[Column]) -> str:
@@ -267,6 +270,228 @@ def _html_table(evals: list[Evaluation], cols: list[Column]) -> str:
             cells.append(f'<td class="best"><b>{text}</b></td>' if i in b else f"<td>{text}</td>")
         body.append(f"<tr><th>{html.escape(ev.label)}</th><td>{d}</td>{''.join(cells)}</tr>")
     return f"<table><thead><tr><th>model</th><th>defence</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+# ---------------------------------------------------------------- certificates
+
+
+CERTIFY_METHODS = ("ibp", "dual", "dual-opt", "lp")  # loosest to tightest: the order of the columns
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """One `pixgen certify` asset. network: the label of the network it certifies (an evaluation's
+    label when the weights hashes match, else the model's arch and weights hash); key: its column,
+    the method (with dual-opt's steps when not the default) and ε."""
+
+    path: Path
+    network: str
+    weights: str
+    method: str
+    eps: float
+    key: str
+    count: int
+    accuracy: float
+    asset_id: str
+
+
+def _certify_key(config: dict) -> str:
+    from .certify import STEPS
+
+    method = str(config.get("method"))
+    steps = config.get("steps")
+    name = f"{method} ({steps} steps)" if method == "dual-opt" and steps not in (None, STEPS) else method
+    return f"{name} ε={float(config['eps']):g}"
+
+
+def load_certificates(paths, evals: list[Evaluation]) -> list[Certificate]:
+    """Every certify asset named, each once, labelled by the network it certifies: the evaluation
+    whose model.weights_hash equals the asset's inputs.model, else '<arch> <hash>' (one label per
+    distinct weights hash, so assets of one network share a row)."""
+    by_hash = {}
+    for ev in evals:
+        by_hash.setdefault(ev.doc["model"].get("weights_hash"), ev.label)
+    out = []
+    for path in dict.fromkeys(Path(p) for p in paths or ()):
+        group = assets.open_asset(path, stage="certify")
+        attrs = dict(group.attrs)
+        config, weights = attrs.get("config") or {}, (attrs.get("inputs") or {}).get("model")
+        if not {"bounds", "indices"} <= set(group.array_keys()) or "eps" not in config or "certified_accuracy" not in attrs or not weights:
+            raise PixgenError(f"{path} is a certify asset without its bounds, ε, certified accuracy or model hash; remake it with pixgen certify")
+        network = by_hash.get(weights) or f"{attrs.get('model_arch', 'network')} {weights[:8]}"
+        out.append(Certificate(path, network, weights, str(config.get("method")), float(config["eps"]), _certify_key(config), int(attrs.get("count", group["bounds"].shape[0])), float(attrs["certified_accuracy"]), assets.asset_id(attrs)))
+    return out
+
+
+def _chosen(certs: list[Certificate]) -> dict[tuple[str, str], Certificate]:
+    """One asset per (network, column): the one with the most digits (the first of equals)."""
+    chosen = {}
+    for c in certs:
+        old = chosen.get((c.network, c.key))
+        if old is None or c.count > old.count:
+            chosen[(c.network, c.key)] = c
+    return chosen
+
+
+def _networks(certs: list[Certificate], evals: list[Evaluation]) -> list[str]:
+    """Rows of the certified table: the evaluated networks in report order, then the others."""
+    named = {c.network for c in certs}
+    return [ev.label for ev in evals if ev.label in named] + list(dict.fromkeys(c.network for c in certs if c.network not in {ev.label for ev in evals}))
+
+
+def _keys(certs: list[Certificate]) -> list[str]:
+    order = {m: i for i, m in enumerate(CERTIFY_METHODS)}
+    firsts = {}
+    for c in certs:
+        firsts.setdefault(c.key, c)
+    return sorted(firsts, key=lambda k: (firsts[k].eps, order.get(firsts[k].method, len(order)), k))
+
+
+def certified_table(certs: list[Certificate], evals: list[Evaluation]) -> tuple[list[str], list[str], list[list[Certificate | None]], list[set[int]]]:
+    """(networks, column keys, cells [network][column], bold rows per column)."""
+    chosen, networks, keys = _chosen(certs), _networks(certs, evals), _keys(certs)
+    cells = [[chosen.get((n, k)) for k in keys] for n in networks]
+    best = [best_rows(Column(k, "max", 1, tuple(None if row[j] is None else 100 * row[j].accuracy for row in cells))) for j, k in enumerate(keys)]
+    return networks, keys, cells, best
+
+
+def _cert_text(c: Certificate | None) -> str:
+    return "—" if c is None else f"{100 * c.accuracy:.1f} (n={c.count})"
+
+
+CERTIFY_NOTE = (
+    "Certified accuracy in %: the fraction of a class-balanced sample of n MNIST test digits (pixgen certify) "
+    "whose nine margin lower bounds over the L∞ ball of radius ε (intersected with [0, 1]) are all > 0. "
+    "Columns: the bound (ibp ≤ dual ≤ dual-opt ≤ lp, tightest last) and ε; bold: best in its column; — : no asset. "
+    "A network is named by the evaluation whose weights hash matches the asset's, else by its arch and weights hash."
+)
+
+CERTIFIED_COLUMNS_NOTE = (
+    "certified <bound> ε: the --certify assets of the network (on its row without DENT; digit counts in the certified-accuracy "
+    "table); certified ε without a bound: pixgen evaluate's own dual certificate."
+)
+
+
+def _asset_columns(cols: list[Column]) -> bool:
+    """Whether the summary table has columns from certify assets."""
+    return any(c.header.startswith(tuple(f"certified {m} " for m in CERTIFY_METHODS)) for c in cols)
+
+
+def certified_markdown(certs: list[Certificate], evals: list[Evaluation], notes: list[str] = ()) -> str:
+    networks, keys, cells, best = certified_table(certs, evals)
+    lines = ["## Certified accuracy", "", "| network | " + " | ".join(f"{k} (%) ↑" for k in keys) + " |", "|---|" + "---:|" * len(keys)]
+    for i, (network, row) in enumerate(zip(networks, cells)):
+        lines.append(f"| {network} | " + " | ".join(f"**{_cert_text(c)}**" if i in b else _cert_text(c) for c, b in zip(row, best)) + " |")
+    return "\n".join(lines) + "\n\n" + "\n\n".join([CERTIFY_NOTE, *notes]) + "\n"
+
+
+def _certified_html(certs: list[Certificate], evals: list[Evaluation], notes: list[str] = ()) -> str:
+    networks, keys, cells, best = certified_table(certs, evals)
+    head = "".join(f'<th title="higher is better">{html.escape(k)} (%) ↑</th>' for k in keys)
+    body = []
+    for i, (network, row) in enumerate(zip(networks, cells)):
+        tds = "".join(f'<td class="best"><b>{_cert_text(c)}</b></td>' if i in b else f"<td>{_cert_text(c)}</td>" for c, b in zip(row, best))
+        body.append(f"<tr><th>{html.escape(network)}</th>{tds}</tr>")
+    read = "".join(
+        f"<tr><th>{html.escape(c.network)}</th><td>{html.escape(c.key)}</td><td>{c.count}</td><td>{100 * c.accuracy:.1f}</td>"
+        f"<td>{c.weights}</td><td style='text-align:left'>{html.escape(str(c.path))}</td></tr>"
+        for c in certs
+    )
+    return (
+        f'<h2 id="certified">Certified accuracy</h2>\n<table><thead><tr><th>network</th>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>\n'
+        f'<p class="note">{html.escape(CERTIFY_NOTE)}</p>\n'
+        + "".join(f'<p class="note"><b>Note:</b> {html.escape(n)}</p>\n' for n in notes)
+        + "<h3>Certify assets read</h3>\n"
+        f"<table><thead><tr><th>network</th><th>bound</th><th>digits</th><th>certified (%)</th><th>weights hash</th><th>certify asset</th></tr></thead><tbody>{read}</tbody></table>"
+    )
+
+
+def certified_columns(certs: list[Certificate], evals: list[Evaluation]) -> list[Column]:
+    """The certificates of evaluated networks as columns of the summary table, on the rows
+    without DENT (a certificate is of the static network)."""
+    chosen, keys = _chosen(certs), _keys(certs)
+    rows = _rows(evals)
+    out = []
+    for key in keys:
+        values = tuple(100 * chosen[(ev.label, key)].accuracy if d == "none" and (ev.label, key) in chosen else None for ev, d in rows)
+        if any(v is not None for v in values):
+            out.append(Column(f"certified {key} (%)", "max", 1, values))
+    return out
+
+
+def _pairs(lp, other) -> tuple[np.ndarray, np.ndarray]:
+    """LP and other bounds over the (digit, wrong class) pairs of the digits both assets hold."""
+    lp_index, other_index = lp["indices"][:], other["indices"][:]
+    _, at_lp, at_other = np.intersect1d(lp_index, other_index, return_indices=True)
+    a, b = lp["bounds"][:][at_lp], other["bounds"][:][at_other]
+    wrong = np.isfinite(a) & np.isfinite(b)
+    return a[wrong], b[wrong]
+
+
+def _bound_panels(certs: list[Certificate]) -> tuple[list, list[str]]:
+    """The panels of the bounds figure, (network, lp asset, [(asset, lp bounds, its bounds)]): per
+    network and ε, the lp asset with the most digits and, per dual/dual-opt column, the asset
+    sharing the most digits with it; and a note for every pairing without a common digit (the
+    certify sample depends on --count and --seed, so assets made with other counts share none)."""
+    panels, notes = [], []
+    for (network, _), lp in _chosen(certs).items():
+        if lp.method != "lp":
+            continue
+        group = assets.open_asset(lp.path, stage="certify")
+        lp_digits = group["indices"][:]
+        candidates = {}
+        for c in certs:
+            if c.network == network and c.method in ("dual", "dual-opt") and abs(c.eps - lp.eps) < EPS_TOL:
+                common = len(np.intersect1d(lp_digits, assets.open_asset(c.path, stage="certify")["indices"][:]))
+                if c.key not in candidates or common > candidates[c.key][1]:
+                    candidates[c.key] = (c, common)
+        series = []
+        for key in _keys([c for c, _ in candidates.values()]):
+            c, common = candidates[key]
+            if common:
+                series.append((c, *_pairs(group, assets.open_asset(c.path, stage="certify"))))
+            else:
+                notes.append(f"{network}: the {key} asset {c.path} shares no test digit with the lp asset {lp.path}; "
+                             "make both with the same --count and --seed to compare their bounds.")  # fmt: skip
+        if series:
+            panels.append((network, lp, series))
+    return panels, notes
+
+
+def bounds_figure(panels: list, folder: Path) -> Path | None:
+    """Per (network, ε) with an lp asset and a dual and/or dual-opt one: their bounds against the
+    LP's over the common (digit, wrong class) pairs, the diagonal y = x, and below, LP − bound."""
+    if not panels:
+        return None
+    ncol = min(len(panels), 3)
+    nrow = -(-len(panels) // ncol)
+    fig = _new_figure(5.6 * ncol, 7.2 * nrow)
+    subfigs = np.atleast_1d(fig.subfigures(nrow, ncol, squeeze=False)).ravel()
+    styles = {"dual": {"marker": "o", "s": 26, "facecolors": "none", "edgecolors": "tab:red", "linewidths": 1.0}, "dual-opt": {"marker": "x", "s": 18, "color": "tab:blue", "linewidths": 1.0}}
+    for sub, (network, lp, series) in zip(subfigs, panels):
+        top, bottom = sub.subplots(2, 1, height_ratios=(3, 1.3), sharex=True)
+        values = np.concatenate([np.concatenate([x, y]) for _, x, y in series])
+        lo, hi = float(values.min()), float(values.max())
+        pad = 0.05 * (hi - lo or 1)
+        top.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="gray", lw=1, ls="--", label="y = x (as tight as the LP)", zorder=1)
+        for c, x, y in series:
+            label = c.key.rsplit(" ε=", 1)[0]  # the method, and dual-opt's steps when not the default
+            style = styles.get(label, {"marker": "+", "s": 26, "color": "tab:green", "linewidths": 1.0})
+            top.scatter(x, y, label=f"{label} bound ({len(x)} pairs)", zorder=2, **style)
+            bottom.scatter(x, x - y, zorder=2, **style)
+        for ax in (top, bottom):
+            ax.axvline(0, color="k", lw=0.6, alpha=0.5)
+            ax.grid(alpha=0.3)
+        top.axhline(0, color="k", lw=0.6, alpha=0.5)
+        bottom.axhline(0, color="gray", lw=1, ls="--")
+        top.set_xlim(lo - pad, hi + pad)
+        top.set_ylim(lo - pad, hi + pad)
+        top.set_ylabel("dual / dual-opt bound on the margin (logit units)")
+        bottom.set_ylabel("LP − bound (logit units)")
+        bottom.set_xlabel("LP bound on the margin (logit units)")
+        top.set_title(f"{network}, ε={lp.eps:g}: margin lower bounds against the LP\nover the (digit, wrong class) pairs of the digits in both assets", fontsize=10)
+        top.legend(fontsize=8, loc="upper left")
+    return _save(fig, folder, "certify_bounds")
 
 
 # ---------------------------------------------------------------- figures
@@ -538,7 +763,7 @@ def _data_uri(png: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
 
 
-def page(evals: list[Evaluation], cols: list[Column], figures: list[tuple[str, Path, str]]) -> str:
+def page(evals: list[Evaluation], cols: list[Column], figures: list[tuple[str, Path, str]], certs: list[Certificate] = (), cert_notes: list[str] = ()) -> str:
     inputs = "".join(
         f"<tr><th>{html.escape(ev.label)}</th><td>{html.escape(str(ev.doc['model'].get('arch')))}</td>"
         f"<td>{', '.join(ev.doc['defenses'])}</td><td>{ev.doc.get('data', {}).get('test_count')}</td>"
@@ -566,6 +791,8 @@ this page as PNG and SVG.</p>
 <h2>Summary</h2>
 {_html_table(evals, cols)}
 <p class="note">{html.escape(TABLE_NOTE)}</p>
+{f'<p class="note">{html.escape(CERTIFIED_COLUMNS_NOTE)}</p>' if _asset_columns(cols) else ''}
+{_certified_html(certs, evals, cert_notes) if certs else ''}
 <h2>Figures</h2>
 {sections}
 <script>{CHECK_SCRIPT}</script>
@@ -578,6 +805,10 @@ CAPTIONS = {
     "transfer and adaptive attacks; dash-dot: DENT under the standard attack alone; dotted vertical: a robust model's training ε.",
     "calibration": "The evaluation JSON stores the calibration errors, not per-bin confidences, so this shows the errors "
     "instead of reliability diagrams.",
+    "certify_bounds": "Each point is one (digit, wrong class) pair of the test digits that the LP asset and the dual or dual-opt "
+    "asset both hold: its LP bound on the margin f_y − f_j (x) against the dual network's bound with fixed slopes (circles) and "
+    "with optimised slopes (crosses), all over the same relaxation; below, the gap LP − bound. Weak duality puts every point on "
+    "or below the diagonal; optimised slopes reach it (strong duality). Points right of 0 are classes the LP rules out.",
     "ood": "The evaluation JSON stores AUROC, AUPR and FPR95, not ROC points, so this shows those instead of ROC curves. "
     "Anomaly score: −max softmax probability; out-of-distribution is the positive class.",
 }
@@ -606,10 +837,12 @@ def _asset_input(path) -> dict | None:
     return {"path": str(path), "id": assets.asset_id(dict(assets.open_asset(path).attrs))}
 
 
-def run(config: ReportConfig, evals, out, *, fractals=None, featvis=None, shards=None, mnist_c=None, model=None, data_root=None) -> Path:
-    """Write the report of the evaluation JSONs `evals` (files or folders) into `out`; return index.html."""
+def run(config: ReportConfig, evals, out, *, fractals=None, featvis=None, shards=None, mnist_c=None, model=None, certify=(), data_root=None) -> Path:
+    """Write the report of the evaluation JSONs `evals` (files or folders) into `out`, with the
+    certify assets `certify` (a table and the bounds figure); return index.html."""
     out = Path(out)
     evaluations = load_evaluations(evals)
+    certs = load_certificates(certify, evaluations)
     _check_out(out)
     # Opening the assets checks them before any drawing starts.
     inputs = {"fractals": _asset_input(fractals), "featvis": _asset_input(featvis), "shards": _asset_input(shards), "mnist_c": _asset_input(mnist_c)}
@@ -621,7 +854,7 @@ def run(config: ReportConfig, evals, out, *, fractals=None, featvis=None, shards
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the report should read like any folder
     try:
-        cols = columns(evaluations, config)
+        cols = columns(evaluations, config) + certified_columns(certs, evaluations)
         figures = []
         for attack, name in ATTACKS.items():
             if png := accuracy_figure(evaluations, attack, config, tmp):
@@ -632,6 +865,9 @@ def run(config: ReportConfig, evals, out, *, fractals=None, featvis=None, shards
             figures.append(("Calibration error", png, CAPTIONS["calibration"]))
         if png := ood_figure(evaluations, tmp):
             figures.append(("Out-of-distribution detection", png, CAPTIONS["ood"]))
+        panels, cert_notes = _bound_panels(certs)
+        if png := bounds_figure(panels, tmp):
+            figures.append(("Certificates: dual bounds against the LP", png, CAPTIONS["certify_bounds"]))
         for kind, path in (("fractals", fractals), ("featvis", featvis)):
             if path is not None:
                 figures.append((f"{kind} mixing set", mixing_grid(path, kind, config, tmp), str(path)))
@@ -641,8 +877,8 @@ def run(config: ReportConfig, evals, out, *, fractals=None, featvis=None, shards
             figures.append(("MNIST-C", mnist_c_grid(mnist_c, config, tmp, data_root), str(mnist_c)))
         if model is not None:
             figures.append(("Adversarial digits", adversarial_grid(model, config, tmp, data_root), f"{model}; PGD-40: step ε/4, random start (seed {config.seed})."))
-        (tmp / "summary.md").write_text(markdown(evaluations, cols))
-        (tmp / "index.html").write_text(page(evaluations, cols, figures))
+        (tmp / "summary.md").write_text(markdown(evaluations, cols, certs, cert_notes))
+        (tmp / "index.html").write_text(page(evaluations, cols, figures, certs, cert_notes))
         marker = {
             "pixgen_version": __version__,
             "stage": "report",
@@ -651,6 +887,7 @@ def run(config: ReportConfig, evals, out, *, fractals=None, featvis=None, shards
             "inputs": {
                 "evals": [{"path": str(ev.path), "model": ev.doc["model"], "config_hash": ev.doc.get("config_hash")} for ev in evaluations],
                 **inputs,
+                "certify": [{"path": str(c.path), "id": c.asset_id, "network": c.network, "weights_hash": c.weights, "method": c.method, "eps": c.eps} for c in certs],
                 "model": None if model is None else {"path": str(model)},
             },
             "files": sorted(p.name for p in tmp.iterdir()) + [MARKER],

@@ -44,6 +44,9 @@ def test_smoke_pipeline_runs_every_stage_in_order(smoke):
         assert result["model"]["path"].endswith(name)
     assert "certify" in json.loads((root / "eval-dual" / "dual.json").read_text())["defenses"]["none"]
     assert json.loads((root / "pixmix" / "meta.json").read_text())["shards"]
+    summary = (root / "report" / "summary.md").read_text()
+    assert all(f"| {name} (" in summary for name in ("standard", "pixmix", "primal", "dual", "ibp"))
+    assert (root / "report" / "index.html").stat().st_size > 0
 
 
 def test_second_run_is_a_no_op(smoke):
@@ -68,10 +71,10 @@ def test_config_change_reruns_exactly_the_dependent_stages(smoke, tmp_path):
     shutil.copytree(smoke[0], root)
     before = mtimes(root)
     path = edited(tmp_path, lambda s: s["shards"]["with"].update(seed=7))
-    assert ran(pixgen("run", path, "--root", root)) == ["shards", "pixmix", "eval-pixmix"]
+    assert ran(pixgen("run", path, "--root", root)) == ["shards", "pixmix", "eval-pixmix", "report"]
     after = mtimes(root)
     changed = {name.split("/")[0] for name in after if after[name] != before.get(name)}
-    assert changed == {"shards.zarr", "pixmix", "eval-pixmix"}
+    assert changed == {"shards.zarr", "pixmix", "eval-pixmix", "report"}
     assert ran(pixgen("run", path, "--root", root)) == []
 
 
@@ -128,3 +131,10 @@ def test_cli_bad_pipeline_exits_non_zero_with_one_line(tmp_path):
     assert not (tmp_path / "root").exists()
     missing = pixgen("run", tmp_path / "none.yaml", check=False)
     assert missing.returncode == 1 and "cannot read pipeline" in missing.stderr
+
+
+@pytest.mark.parametrize("name", ["smoke", "mnist", "paper"])
+def test_shipped_pipelines_are_valid(name):
+    stages = pipeline.load(REPO / "pipelines" / f"{name}.yaml")
+    assert stages[-1].name == "report"
+    assert len({s.key for s in stages}) == len(stages)

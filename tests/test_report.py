@@ -1,6 +1,7 @@
 """The report: the summary table (every model, the best value per column marked, in the right
 direction), the figures and grids it writes, its self-contained page rendered in headless
-Chromium, replacing only a previous report, and bad inputs."""
+Chromium, replacing only a previous report, certify assets (their table and bounds figure), and
+bad inputs."""
 
 from __future__ import annotations
 
@@ -106,9 +107,16 @@ def built(evals, tmp_path_factory) -> Path:
     return index.parent
 
 
-def table(summary: str) -> tuple[list[str], list[list[str]]]:
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in summary.splitlines() if line.startswith("|")]
-    return rows[0], rows[2:]
+def table(summary: str, which: int = 0) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the `which`-th Markdown table in `summary`."""
+    tables, previous = [], False
+    for line in summary.splitlines():
+        if line.startswith("|"):
+            if not previous:
+                tables.append([])
+            tables[-1].append([c.strip() for c in line.strip("|").split("|")])
+        previous = line.startswith("|")
+    return tables[which][0], tables[which][2:]
 
 
 def test_summary_marks_the_best_of_every_model_in_its_direction(built):
@@ -194,6 +202,8 @@ def test_rerun_replaces_a_report_and_nothing_else(evals, tmp_path):
         ("not-evaluate", "is not a pixgen evaluate result"),
         ("broken", "is not a pixgen evaluate result"),
         ("none", "no evaluation given"),
+        ("not-certify", "is a fractals asset, but a certify asset is needed here"),
+        ("missing-certify", "does not exist"),
     ],
 )
 def test_bad_inputs_fail_with_one_line(case, message, evals, tmp_path):
@@ -202,7 +212,11 @@ def test_bad_inputs_fail_with_one_line(case, message, evals, tmp_path):
         "not-evaluate": ["--eval", tmp_path / "train.json"],
         "broken": ["--eval", tmp_path / "broken.json"],
         "none": [],
+        "not-certify": ["--eval", evals, "--certify", tmp_path / "fractals.zarr"],
+        "missing-certify": ["--eval", evals, "--certify", tmp_path / "nope.zarr"],
     }[case]
+    if case == "not-certify":
+        small_asset(tmp_path / "fractals.zarr", "fractals", {"images": np.zeros((2, 28, 28), np.uint8)})
     (tmp_path / "train.json").write_text(json.dumps({"stage": "train", "arch": "wk-small"}))
     (tmp_path / "broken.json").write_text('{"stage": "evaluate", ')
     proc = pixgen("report", *args, "--out", tmp_path / "out", check=False)
@@ -211,3 +225,90 @@ def test_bad_inputs_fail_with_one_line(case, message, evals, tmp_path):
     assert len(lines) == 1 and message in lines[0], proc.stderr
     assert not (tmp_path / "out").exists()
 
+
+
+# ---------------------------------------------------------------- certificates
+
+CERT_EPS = 0.1
+
+
+@pytest.fixture(scope="module")
+def certified(tmp_path_factory) -> dict:
+    """Certify assets made by the real CLI (in process) at ε 0.1 on 4 digits: dual, dual-opt and
+    lp for a wk-small IBP-trained for 2 epochs on 2,000 digits (as tests/test_certify.py trains
+    it: some digits certified, some ReLUs still ambiguous), which an evaluation JSON names by its
+    weights hash, and dual for an untrained wk-small that no evaluation names."""
+    import torch
+    from click.testing import CliRunner
+
+    from pixgen import train
+    from pixgen.cli import cli
+
+    root = tmp_path_factory.mktemp("certified")
+    config = train.TrainConfig(method="ibp", epochs=2, batch_size=50, lr=5e-3, eps=CERT_EPS, ramp_epochs=1, train_size=2000, test_size=100, certify_size=100)
+    net = train.run(config, root / "ibp-net")
+    torch.manual_seed(0)
+    models.save(root / "raw-net", models.build("wk-small"), {"arch": "wk-small", "method": "standard", "config_hash": "0", "complete": True})
+    paths = {}
+    for name, model, method in [("dual", net, "dual"), ("dual-opt", net, "dual-opt"), ("lp", net, "lp"), ("raw-dual", root / "raw-net", "dual")]:
+        paths[name] = root / f"{name}.zarr"
+        result = CliRunner().invoke(cli, ["certify", "--model", str(model), "--eps", str(CERT_EPS), "--method", method, "--count", "4", "--out", str(paths[name])])
+        assert result.exit_code == 0, result.output
+    doc = evaluation(net, "ibp", 0.7, [0.7, 0.3, 0.1, 0.0], ece=0.05, fpr95=0.5, dent=False)
+    doc["model"]["weights_hash"] = models.weights_hash(models.load(net)[0])
+    (root / "ibp-net.json").write_text(json.dumps(doc))
+    return {"root": root, "eval": root / "ibp-net.json", "raw": models.weights_hash(models.load(root / "raw-net")[0]), **paths}
+
+
+def test_certify_assets_give_a_table_a_column_and_the_bounds_figure(certified, tmp_path):
+    import zarr
+    from click.testing import CliRunner
+
+    from pixgen.cli import cli
+
+    out = tmp_path / "report"
+    names = ["lp", "dual", "raw-dual", "dual-opt", "dual"]  # any order; the repeated one counts once
+    args = ["report", "--eval", str(certified["eval"]), "--out", str(out)] + [a for n in names for a in ("--certify", str(certified[n]))]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    accuracy = {n: zarr.open_group(str(certified[n]), mode="r").attrs["certified_accuracy"] for n in ("dual", "dual-opt", "lp", "raw-dual")}
+    assert accuracy["dual"] <= accuracy["dual-opt"] <= accuracy["lp"] and accuracy["raw-dual"] == 0
+    summary = (out / "summary.md").read_text()
+    assert "## Certified accuracy" in summary
+    header, rows = table(summary, 1)
+    assert header == ["network", "dual ε=0.1 (%) ↑", "dual-opt ε=0.1 (%) ↑", "lp ε=0.1 (%) ↑"]
+    raw = f"wk-small {certified['raw'][:8]}"  # no evaluation has its weights: arch and weights hash
+    assert [r[0] for r in rows] == ["ibp-net (ibp)", raw]
+    shown = {n: f"{100 * a:.1f} (n=4)" for n, a in accuracy.items()}
+    best = "**" if accuracy["dual"] > 0 else ""  # the trained net wins the dual column unless both are 0 (a tie: both bold)
+    assert rows[0] == ["ibp-net (ibp)", f"{best}{shown['dual']}{best}", shown["dual-opt"], shown["lp"]]  # one value per column: no bold
+    assert rows[1] == [raw, f"{'**' if not best else ''}{shown['raw-dual']}{'**' if not best else ''}", "—", "—"]
+    # The evaluated network's certificates also join the summary table, on its row without DENT.
+    header, rows = table(summary)
+    for method in ("dual", "dual-opt", "lp"):
+        assert rows[0][header.index(f"certified {method} ε=0.1 (%) ↑")] == f"{100 * accuracy[method]:.1f}"
+    page = (out / "index.html").read_text()
+    assert 'id="certified"' in page and shown["lp"] in page and raw in page
+    png, svg = out / "certify_bounds.png", out / "certify_bounds.svg"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+    assert svg.stat().st_size > 1000 and b"<svg" in svg.read_bytes()[:2000]
+    assert 'id="certify_bounds"' in page
+    marker = json.loads((out / "report.json").read_text())
+    assert sorted((c["network"], c["method"]) for c in marker["inputs"]["certify"]) == sorted([("ibp-net (ibp)", "dual"), ("ibp-net (ibp)", "dual-opt"), ("ibp-net (ibp)", "lp"), (raw, "dual")])
+
+
+def test_bounds_figure_pairs_the_lp_with_the_dual_bounds_by_digit(certified):
+    import zarr
+
+    lp, dual, opt = (zarr.open_group(str(certified[n]), mode="r") for n in ("lp", "dual", "dual-opt"))
+    x, y = report._pairs(lp, dual)
+    assert len(x) == 4 * 9  # the same 4 digits in both, nine wrong classes each
+    assert (y <= x + 1e-6).all() and (x - y).max() > 1e-3  # dual below the diagonal, visibly
+    x, y = report._pairs(lp, opt)
+    assert np.abs(x - y).max() < 1e-2  # dual-opt on it
+    # Matched by test-split index, not by position: the digits in another order pair the same bounds,
+    # and digits only one asset holds are left out.
+    flipped = {"indices": dual["indices"][:][::-1], "bounds": dual["bounds"][:][::-1]}
+    assert np.array_equal(report._pairs(lp, flipped)[1], report._pairs(lp, dual)[1])
+    fewer = {"indices": dual["indices"][:2], "bounds": dual["bounds"][:2]}
+    assert len(report._pairs(lp, fewer)[0]) == 2 * 9
