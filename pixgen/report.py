@@ -28,6 +28,7 @@ import numpy as np
 
 from . import PixgenError, __version__, assets, data, models
 from .config import config_hash, to_dict
+from .evaluate import training_eps as recorded_eps
 
 MARKER = "report.json"
 ATTACKS = {"fgsm": "FGSM", "pgd": "PGD-40"}
@@ -126,10 +127,8 @@ def load_evaluations(paths) -> list[Evaluation]:
 def training_eps(model_path: str) -> float | None:
     """The ε a robust model was trained for, from its meta.json; None when it cannot be read."""
     try:
-        meta = json.loads((Path(model_path) / "meta.json").read_text())
-        eps = meta.get("eps", meta.get("config", {}).get("eps"))
-        return float(eps) if eps is not None else None
-    except (OSError, ValueError, TypeError, AttributeError):
+        return recorded_eps(json.loads((Path(model_path) / "meta.json").read_text()))
+    except (OSError, ValueError, TypeError, AttributeError, PixgenError):
         return None
 
 
