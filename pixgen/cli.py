@@ -69,7 +69,7 @@ def grid(path, out, array, count, ncol):
 @cli.command()
 @click.option("--method", type=click.Choice(["standard", "pixmix", "pgd", "dual", "ibp"]), default="standard", help="Training method: plain cross-entropy; the same on PixMix shards; adversarial training (primal); Wong & Kolter's dual bound; interval bounds (Gowal et al.).")
 @click.option("--arch", type=click.Choice(["wk-small", "wk-small-bn", "madry-cnn"]), default="wk-small", help="Network architecture (dual: wk-small only; ibp: not wk-small-bn).")
-@click.option("--epochs", type=click.IntRange(1), default=None, help="Passes over the training split. Default: 10; pgd 8; dual 7; ibp 50.")
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Passes over the training split. Default: 10; pgd 8; dual 10; ibp 50.")
 @click.option("--seed", type=int, default=0, help="Seed of the initial weights, the batch order and the attacks' / projections' randomness.")
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="Training batch size. Default: 128; pgd 100; dual 32; ibp 100.")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=None, help="Peak Adam learning rate (one cycle: 10% linear warm-up, cosine decay to 0). Default: 2e-3; dual 1.5e-3; ibp 1e-3.")
