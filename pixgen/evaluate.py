@@ -228,7 +228,11 @@ def evaluate_model(folder, config: EvalConfig, defense_names: list[str], mnist_c
         if "clean" in suites:
             out["clean"] = {"accuracy": metrics.accuracy(clean, labels)}
         if "calibration" in suites:
-            out["calibration"] = {"rms": metrics.rms_calibration_error(clean, labels), "ece": metrics.expected_calibration_error(clean, labels)}
+            out["calibration"] = {
+                "rms": metrics.rms_calibration_error(clean, labels),
+                "ece": metrics.expected_calibration_error(clean, labels),
+                "bins": metrics.reliability_bins(clean, labels),
+            }
         if "ood" in suites:
             sets = ood_sets(len(labels), config.seed, data_root)
             out["ood"] = {name: metrics.anomaly_detection(clean, probabilities(model, s, config.batch_size, device)) for name, s in sets.items()}

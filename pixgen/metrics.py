@@ -50,15 +50,35 @@ def rms_calibration_error(probs: np.ndarray, labels: np.ndarray, bin_size: int =
     return float(np.sqrt(np.sum(sizes[kept] / n * gaps[kept] ** 2)))
 
 
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
-    """ECE over `n_bins` equal-width confidence bins (lo, hi] (a confidence of 0 joins the first):
-    Σ_b (n_b / N) · |mean confidence_b − accuracy_b|."""
+def _equal_width_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per equal-width confidence bin (lo, hi] (a confidence of 0 joins the first): the sample
+    count, the sum of confidences and the number correct."""
     confidence, correct = _confidence_and_correct(probs, labels)
     bins = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
-    sizes = np.bincount(bins, minlength=n_bins)
-    gap_sums = np.bincount(bins, weights=confidence - correct, minlength=n_bins)
-    # Σ_b (n_b / N) |gap_sum_b / n_b| = Σ_b |gap_sum_b| / N; empty bins add 0.
-    return float(np.abs(gap_sums).sum() / sizes.sum())
+    return (
+        np.bincount(bins, minlength=n_bins),
+        np.bincount(bins, weights=confidence, minlength=n_bins),
+        np.bincount(bins, weights=correct, minlength=n_bins),
+    )
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """ECE over `n_bins` equal-width confidence bins (lo, hi]:
+    Σ_b (n_b / N) · |mean confidence_b − accuracy_b|."""
+    sizes, confidence_sums, correct_sums = _equal_width_bins(probs, labels, n_bins)
+    # Σ_b (n_b / N) |(conf_sum_b − correct_b) / n_b| = Σ_b |conf_sum_b − correct_b| / N; empty bins add 0.
+    return float(np.abs(confidence_sums - correct_sums).sum() / sizes.sum())
+
+
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> dict[str, list]:
+    """The reliability diagram behind `expected_calibration_error`: per equal-width bin its
+    `count`, mean `confidence` and `accuracy` (None for an empty bin), and the bin `edges`."""
+    sizes, confidence_sums, correct_sums = _equal_width_bins(probs, labels, n_bins)
+
+    def mean(sums):
+        return [float(s / n) if n else None for s, n in zip(sums, sizes)]
+
+    return {"edges": np.linspace(0, 1, n_bins + 1).tolist(), "count": sizes.tolist(), "confidence": mean(confidence_sums), "accuracy": mean(correct_sums)}
 
 
 def anomaly_scores(probs: np.ndarray) -> np.ndarray:
@@ -79,14 +99,18 @@ def fpr_at_tpr(is_positive: np.ndarray, scores: np.ndarray, tpr: float = 0.95) -
 
 
 def anomaly_detection(in_probs: np.ndarray, out_probs: np.ndarray) -> dict[str, float]:
-    """AUROC, AUPR (average precision) and FPR at 95% TPR of telling out-of-distribution samples
-    (the positive class) from in-distribution ones by the MSP score; probabilities (N, K) each."""
+    """AUROC, AUPR (average precision), FPR at 95% TPR and the ROC curve (`roc`: `fpr`, `tpr`) of
+    telling out-of-distribution samples (the positive class) from in-distribution ones by the MSP
+    score; probabilities (N, K) each."""
     scores = np.concatenate([anomaly_scores(in_probs), anomaly_scores(out_probs)])
     is_out = np.concatenate([np.zeros(len(in_probs), bool), np.ones(len(out_probs), bool)])
+    # The ROC's corners only (collinear points dropped): enough to draw the curve, a few hundred points.
+    fprs, tprs, _ = skm.roc_curve(is_out, scores)
     return {
         "auroc": float(skm.roc_auc_score(is_out, scores)),
         "aupr": float(skm.average_precision_score(is_out, scores)),
         "fpr95": fpr_at_tpr(is_out, scores, 0.95),
+        "roc": {"fpr": fprs.tolist(), "tpr": tprs.tolist()},
     }
 
 

@@ -2,15 +2,14 @@
 
 `run(config, evals, out, ...)` reads `pixgen evaluate` JSONs (files or folders of them) and, when
 given, image assets and one model folder, and writes to `out`: accuracy-against-ε figures for
-FGSM and PGD, MNIST-C, calibration and OOD bar charts, image grids (each as PNG and SVG),
-`summary.md` (the table of every scalar metric per model and defence), `index.html` (the table and
+FGSM and PGD, MNIST-C bars, reliability diagrams, ROC curves per OOD set, image grids (each as
+PNG and SVG), `summary.md` (the table of every scalar metric per model and defence), `index.html` (the table and
 every figure embedded as data URIs, so the page is one file) and `report.json` (inputs and config).
 Certify assets (`certify=`) add a certified-accuracy table (network × bound and ε, matched to the
 evaluations by weights hash) and `certify_bounds`, the dual and dual-opt bounds against the LP's.
 
-Evaluation JSONs hold scalars only (calibration errors, AUROC/AUPR/FPR95), not reliability bins
-or ROC points, so those are drawn as bars. The report is written into a temporary folder beside
-`out` and renamed into place at the end, so a folder named `out` is always a whole report.
+The report is written into a temporary folder beside `out` and renamed into place at the end, so
+a folder named `out` is always a whole report.
 """
 
 from __future__ import annotations
@@ -568,16 +567,13 @@ def _series(evals: list[Evaluation]) -> list[tuple[Evaluation, str, dict]]:
     return [(ev, d, ev.doc["defenses"][d]) for ev, d in _rows(evals)]
 
 
-def _bars(ax, groups: list[str], series: list[tuple[str, tuple, bool, list]], value_format: str | None) -> None:
-    """Grouped bars: per group one bar per series (label, colour, hatched, values; None: no bar),
-    each labelled with its value in `value_format` unless that is None."""
+def _bars(ax, groups: list[str], series: list[tuple[str, tuple, bool, list]]) -> None:
+    """Grouped bars: per group one bar per series (label, colour, hatched, values; None: no bar)."""
     width = 0.8 / max(len(series), 1)
     x = np.arange(len(groups))
     for k, (label, color, hatched, values) in enumerate(series):
         shown = np.array([np.nan if v is None else v for v in values], dtype=float)
-        bars = ax.bar(x - 0.4 + width * (k + 0.5), shown, width, label=label, color=color, edgecolor="white" if not hatched else "black", hatch="///" if hatched else None, lw=0.5)
-        if value_format:
-            ax.bar_label(bars, labels=["" if np.isnan(v) else format(v, value_format) for v in shown], fontsize=7, padding=1)
+        ax.bar(x - 0.4 + width * (k + 0.5), shown, width, label=label, color=color, edgecolor="white" if not hatched else "black", hatch="///" if hatched else None, lw=0.5)
     ax.set_xticks(x, groups)
     ax.grid(axis="y", alpha=0.3)
 
@@ -595,7 +591,7 @@ def corruption_figure(evals: list[Evaluation], folder: Path) -> Path | None:
         bars.append((_row_label(ev, d), colors[ev.label], d == "dent", [None if v is None else 100 * v for v in values]))
     fig = _new_figure(min(16, max(10, 0.12 * len(groups) * len(series) + 4)), 5.5)
     ax = fig.add_subplot()
-    _bars(ax, groups, bars, None)
+    _bars(ax, groups, bars)
     ax.set_xticks(ax.get_xticks(), groups, rotation=40, ha="right")
     ax.set_xlim(-0.6, len(groups) - 0.4)
     ax.axvline(len(groups) - 2.5, color="gray", lw=0.8)
@@ -606,41 +602,72 @@ def corruption_figure(evals: list[Evaluation], folder: Path) -> Path | None:
     return _save(fig, folder, "mnist_c")
 
 
+def _defense_lines(ev: Evaluation, key: str) -> list[tuple[str, str, dict]]:
+    """(defence, line style, entry) for each defence of `ev` whose results hold `key`."""
+    return [(d, "--" if d == "dent" else "-", r[key]) for d, r in ev.doc["defenses"].items() if r.get(key)]
+
+
 def calibration_figure(evals: list[Evaluation], folder: Path) -> Path | None:
-    series = [(ev, d, r["calibration"]) for ev, d, r in _series(evals) if r.get("calibration")]
-    if not series:
+    """Reliability diagrams, one panel per model: accuracy against mean confidence per
+    equal-width bin (solid: no defence, dashed: DENT), and below, the digits per bin."""
+    shown = [ev for ev in evals if any("bins" in c for _, _, c in _defense_lines(ev, "calibration"))]
+    if not shown:
         return None
     colors = _colors(evals)
-    bars = [(_row_label(ev, d), colors[ev.label], d == "dent", [100 * c.get("rms", np.nan), 100 * c.get("ece", np.nan)]) for ev, d, c in series]
-    fig = _new_figure(min(14, max(8, 0.6 * len(bars) + 5)), 4.5)
-    ax = fig.add_subplot()
-    _bars(ax, ["RMS calibration error\n(adaptive bins of 100)", "ECE\n(15 equal-width bins)"], bars, ".2f")
-    ax.set_ylabel("calibration error (%), lower is better")
-    ax.set_title("Calibration on the clean test digits (hatched: DENT)")
-    ax.margins(y=0.15)
-    fig.legend(*ax.get_legend_handles_labels(), fontsize=9, loc="outside right upper")
+    fig = _new_figure(min(18, 3.3 * len(shown) + 1), 6)
+    axes = fig.subplots(2, len(shown), squeeze=False, sharex=True, height_ratios=[3, 1])
+    for ev, ax, count_ax in zip(shown, axes[0], axes[1]):
+        ax.plot([0, 1], [0, 100], color="gray", lw=0.8)
+        for d, style, c in _defense_lines(ev, "calibration"):
+            bins = c["bins"]
+            kept = [k for k, n in enumerate(bins["count"]) if n]
+            ax.plot([bins["confidence"][k] for k in kept], [100 * bins["accuracy"][k] for k in kept], style, marker="o", ms=3, color=colors[ev.label], label=f"{'DENT' if d == 'dent' else 'no defence'} (ECE {100 * c['ece']:.2f}%)")
+            edges = np.asarray(bins["edges"])
+            count_ax.stairs(bins["count"], edges, ls=style, color=colors[ev.label])
+        ax.set_title(ev.label, fontsize=9)
+        ax.set_ylim(0, 101)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+        count_ax.set_yscale("log")
+        count_ax.set_xlim(0, 1)
+        count_ax.set_xlabel("confidence (max softmax)")
+        count_ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy in bin (%)")
+    axes[1][0].set_ylabel("digits per bin")
+    fig.suptitle("Reliability on the clean test digits (15 equal-width bins; diagonal: perfect calibration)")
     return _save(fig, folder, "calibration")
 
 
 def ood_figure(evals: list[Evaluation], folder: Path) -> Path | None:
-    series = [(ev, d, r["ood"]) for ev, d, r in _series(evals) if r.get("ood")]
-    if not series:
+    """ROC curves, one panel per out-of-distribution set, one colour per model (dashed: DENT)."""
+    from matplotlib.ticker import FuncFormatter
+
+    sets = list(dict.fromkeys(s for ev in evals for _, _, o in _defense_lines(ev, "ood") for s, v in o.items() if "roc" in v))
+    if not sets:
         return None
-    sets = list(dict.fromkeys(n for _, _, o in series for n in o))
     colors = _colors(evals)
-    fig = _new_figure(min(14, max(9, 0.35 * len(sets) * len(series) + 3)), 8.5)
-    axes = fig.subplots(2, 1)
-    for ax, (metric, title) in zip(axes, [("auroc", "AUROC (%), higher is better"), ("fpr95", "FPR at 95% TPR (%), lower is better")]):
-        bars = [(_row_label(ev, d), colors[ev.label], d == "dent", [None if _get(o, s, metric) is None else 100 * o[s][metric] for s in sets]) for ev, d, o in series]
-        _bars(ax, sets, bars, ".1f")
-        ax.set_ylim(0, 108)
-        ax.set_ylabel(title)
-        ax.set_xlabel("out-of-distribution set")
-    axes[0].axhline(50, color="gray", lw=0.8, ls="--")
-    axes[0].set_title("OOD detection by max softmax: AUROC (50 = chance)")
-    axes[1].set_title("OOD detection: FPR at 95% TPR")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4), fontsize=8)
+    fig = _new_figure(min(18, 4.2 * len(sets) + 2.5), 4.8)
+    axes = fig.subplots(1, len(sets), squeeze=False, sharey=True)[0]
+    for ax, name in zip(axes, sets):
+        chance = np.logspace(-1, 2, 50)
+        ax.plot(chance, chance, color="gray", lw=0.8, ls=":")
+        for ev in evals:
+            for d, style, o in _defense_lines(ev, "ood"):
+                if "roc" in o.get(name, {}):
+                    roc = o[name]["roc"]
+                    ax.plot(100 * np.asarray(roc["fpr"]), 100 * np.asarray(roc["tpr"]), style, color=colors[ev.label], lw=1.5, label=f"{_row_label(ev, d)}: AUROC {100 * o[name]['auroc']:.1f}")
+        ax.axhline(95, color="gray", lw=0.6, ls="--")
+        ax.set_title(f"MNIST against {name}", fontsize=10)
+        # Log FPR: every network flags most outliers at a few % FPR, where a linear axis crowds them.
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlabel("false-positive rate (%, log scale)")
+        ax.set_xlim(0.1, 100)
+        ax.set_ylim(0, 101)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6.5, loc="lower right")
+    axes[0].set_ylabel("true-positive rate (%)")
+    fig.suptitle("Out-of-distribution detection by max softmax: ROC curves (dashed: DENT; dotted: chance; grey dashed: 95% TPR)")
     return _save(fig, folder, "ood")
 
 
@@ -802,14 +829,14 @@ this page as PNG and SVG.</p>
 CAPTIONS = {
     "fgsm": "One colour per model. Solid: no defence; dashed: DENT, a digit counted only if correct under its standard, "
     "transfer and adaptive attacks; dash-dot: DENT under the standard attack alone; dotted vertical: a robust model's training ε.",
-    "calibration": "The evaluation JSON stores the calibration errors, not per-bin confidences, so this shows the errors "
-    "instead of reliability diagrams.",
+    "calibration": "Each point is one confidence bin of the clean test digits: its accuracy against its mean confidence; "
+    "points under the diagonal are overconfident. Bins with few digits (below) are noisy.",
     "certify_bounds": "Each point is one (digit, wrong class) pair of the test digits that the LP asset and the dual or dual-opt "
     "asset both hold: its LP bound on the margin f_y − f_j (x) against the dual network's bound with fixed slopes (circles) and "
     "with optimised slopes (crosses), all over the same relaxation; below, the gap LP − bound. Weak duality puts every point on "
     "or below the diagonal; optimised slopes reach it (strong duality). Points right of 0 are classes the LP rules out.",
-    "ood": "The evaluation JSON stores AUROC, AUPR and FPR95, not ROC points, so this shows those instead of ROC curves. "
-    "Anomaly score: −max softmax probability; out-of-distribution is the positive class.",
+    "ood": "Anomaly score: −max softmax probability; out-of-distribution is the positive class, so the true-positive rate "
+    "is the share of out-of-distribution images flagged and the false-positive rate that of MNIST test digits.",
 }
 
 
@@ -861,9 +888,9 @@ def run(config: ReportConfig, evals, out, *, fractals=None, featvis=None, shards
         if png := corruption_figure(evaluations, tmp):
             figures.append(("MNIST-C accuracy per corruption", png, "Shear, scale, rotate and translate are the affine corruptions that PixMix's own ops overlap."))
         if png := calibration_figure(evaluations, tmp):
-            figures.append(("Calibration error", png, CAPTIONS["calibration"]))
+            figures.append(("Calibration: reliability diagrams", png, CAPTIONS["calibration"]))
         if png := ood_figure(evaluations, tmp):
-            figures.append(("Out-of-distribution detection", png, CAPTIONS["ood"]))
+            figures.append(("Out-of-distribution detection: ROC curves", png, CAPTIONS["ood"]))
         panels, cert_notes = _bound_panels(certs)
         if png := bounds_figure(panels, tmp):
             figures.append(("Certificates: dual bounds against the LP", png, CAPTIONS["certify_bounds"]))

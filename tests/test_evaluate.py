@@ -87,8 +87,11 @@ def test_json_of_a_tiny_run(folder, tmp_path):
         assert entry["worst"][i] <= min(entry[t][i] for t in ("standard", "transfer", "adaptive"))
     for defense in (none, dent):
         assert set(defense["ood"]) == {"fashion-mnist", "uniform", "gaussian"}
-        assert set(defense["ood"]["uniform"]) == {"auroc", "aupr", "fpr95"}
-        assert set(defense["calibration"]) == {"rms", "ece"}
+        assert set(defense["ood"]["uniform"]) == {"auroc", "aupr", "fpr95", "roc"}
+        roc = defense["ood"]["uniform"]["roc"]
+        assert roc["fpr"][0] == roc["tpr"][0] == 0 and roc["fpr"][-1] == roc["tpr"][-1] == 1
+        assert set(defense["calibration"]) == {"rms", "ece", "bins"}
+        assert sum(defense["calibration"]["bins"]["count"]) == SMALL["test_size"]
         assert 0 <= defense["consistency"]["consistency"] <= 1
         assert set(defense["corruptions"]["accuracy"]) == set(corruptions.NAMES)
         assert defense["corruptions"]["count"] == 10

@@ -51,6 +51,18 @@ def test_expected_calibration_error_hand_computed():
     assert metrics.expected_calibration_error(probs, labels) == pytest.approx(0.015)
 
 
+def test_reliability_bins_hand_computed():
+    probs, labels = two_class([0.62, 0.64, 0.95, 0.97, 1.0], [1, 0, 1, 0, 1])
+    bins = metrics.reliability_bins(probs, labels, n_bins=3)
+    assert bins["edges"] == pytest.approx([0, 1 / 3, 2 / 3, 1])
+    assert bins["count"] == [0, 2, 3]
+    assert bins["confidence"][0] is None and bins["accuracy"][0] is None  # an empty bin has no mean
+    assert bins["confidence"][1:] == pytest.approx([0.63, 2.92 / 3]) and bins["accuracy"][1:] == pytest.approx([0.5, 2 / 3])
+    # ECE is the count-weighted gap of these bins.
+    ece = (2 * abs(0.63 - 0.5) + 3 * abs(2.92 / 3 - 2 / 3)) / 5
+    assert metrics.expected_calibration_error(probs, labels, n_bins=3) == pytest.approx(ece)
+
+
 def test_anomaly_detection_with_ties():
     in_probs, _ = two_class([0.9, 0.6, 0.6], [1, 1, 1])
     out_probs, _ = two_class([0.6, 0.5], [1, 1])
@@ -62,6 +74,8 @@ def test_anomaly_detection_with_ties():
     assert result["aupr"] == pytest.approx(0.75)
     # 95% TPR needs threshold −0.6, which also flags both tied in-distribution samples.
     assert result["fpr95"] == pytest.approx(2 / 3)
+    # ROC corners: nothing flagged, then −0.5 (TPR ½, FPR 0), then −0.6 (all out, 2 of 3 in), then all.
+    assert result["roc"]["tpr"] == pytest.approx([0, 0.5, 1, 1]) and result["roc"]["fpr"] == pytest.approx([0, 0, 2 / 3, 1])
 
 
 def test_fpr_at_95_tpr_exact_operating_point():

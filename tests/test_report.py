@@ -31,8 +31,8 @@ def evaluation(model_path, method, clean, fgsm, ece, fpr95, dent=True, certify=N
             "fgsm": {"eps": EPS, "standard": curve, "worst": curve},
             "pgd": {"eps": [0.0, 0.2], "standard": [clean, curve[2] / 2], "worst": [clean, curve[2] / 2]},
             "corruptions": {"count": 10, "identity_accuracy": clean, "accuracy": {n: clean - 0.1 * i for i, n in enumerate(CORRUPTIONS)}, "mean": clean - 0.1, "mean_without_affine": clean - 0.1},
-            "calibration": {"rms": ece / 2, "ece": ece},
-            "ood": {"uniform": {"auroc": 1 - fpr95 / 2, "aupr": 0.9, "fpr95": fpr95}},
+            "calibration": {"rms": ece / 2, "ece": ece, "bins": {"edges": [0, 0.5, 1], "count": [0, 100], "confidence": [None, clean + ece], "accuracy": [None, clean]}},
+            "ood": {"uniform": {"auroc": 1 - fpr95 / 2, "aupr": 0.9, "fpr95": fpr95, "roc": {"fpr": [0, fpr95, 1], "tpr": [0, 0.95, 1]}}},
             "consistency": {"max_shift": 2, "consistency": 0.9, "flip_rate": 0.03},
         }
         if shift:
