@@ -11,7 +11,8 @@ every wrong class j, by four methods, and interval bound propagation (IBP) as a 
   from the one dual pass, so they relax the same set: weak duality gives dual ≤ dual-opt ≤ lp,
   and with the α's at their optimum dual-opt reaches lp (strong duality of the LP).
 - `ibp`: interval bounds (Gowal et al. 2018), the last linear layer folded into the margin
-  (elision). Loosest, but a few forward passes, so it can train: `pixgen train --method ibp`.
+  (elision). Loosest on networks not trained for it (on an IBP-trained one it can beat `dual`,
+  whose intermediate bounds differ), but a few forward passes, so it can train: `pixgen train --method ibp`.
 
 All bounds are computed in float64 (the LP and the α ascent would otherwise disagree at 1e-5).
 """

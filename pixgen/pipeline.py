@@ -21,7 +21,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
@@ -131,7 +131,7 @@ def _keyed(stages: list[Stage]) -> list[Stage]:
         deps = {option: [keys[d] for d in names] for option, names in stage.inputs.items()}
         key = config_hash({"run": stage.command, "with": stage.options, "from": deps})
         keys[stage.name] = key
-        keyed.append(Stage(stage.name, stage.command, stage.options, stage.inputs, key))
+        keyed.append(replace(stage, key=key))
     return keyed
 
 

@@ -273,7 +273,7 @@ def _html_table(evals: list[Evaluation], cols: list[Column]) -> str:
 # ---------------------------------------------------------------- certificates
 
 
-CERTIFY_METHODS = ("ibp", "dual", "dual-opt", "lp")  # loosest to tightest: the order of the columns
+CERTIFY_METHODS = ("ibp", "dual", "dual-opt", "lp")  # the order of the columns: roughly loosest to tightest
 
 
 @dataclass(frozen=True)
@@ -360,7 +360,8 @@ def _cert_text(c: Certificate | None) -> str:
 CERTIFY_NOTE = (
     "Certified accuracy in %: the fraction of a class-balanced sample of n MNIST test digits (pixgen certify) "
     "whose nine margin lower bounds over the L∞ ball of radius ε (intersected with [0, 1]) are all > 0. "
-    "Columns: the bound (ibp ≤ dual ≤ dual-opt ≤ lp, tightest last) and ε; bold: best in its column; — : no asset. "
+    "Columns: the bound (dual ≤ dual-opt ≤ lp, the LP tightest; ibp is the loosest on networks not trained for it, "
+    "but can beat dual on IBP-trained ones) and ε; bold: best in its column; — : no asset. "
     "A network is named by the evaluation whose weights hash matches the asset's, else by its arch and weights hash."
 )
 
@@ -533,6 +534,7 @@ def accuracy_figure(evals: list[Evaluation], attack: str, config: ReportConfig, 
     fig = _new_figure(11, 5.5)
     ax = fig.add_subplot()
     styles = {}
+    trained = {}  # training ε → colours of the robust models trained at it
     for ev in evals:
         color = colors[ev.label]
         none = ev.doc["defenses"].get("none", {}).get(attack)
@@ -548,8 +550,12 @@ def accuracy_figure(evals: list[Evaluation], attack: str, config: ReportConfig, 
                 styles["dent-standard"] = Line2D([], [], color="k", ls="-.", lw=1.2, alpha=0.7, label="DENT, standard attack only")
         eps = training_eps(ev.doc["model"]["path"]) if ev.doc["model"].get("method") in ROBUST_METHODS else None
         if eps is not None:
-            ax.axvline(eps, color=color, ls=":", lw=1.6)
-            styles["train"] = Line2D([], [], color="k", ls=":", lw=1.6, label="training ε (robust models)")
+            trained.setdefault(eps, []).append(color)
+    for eps, shared in trained.items():
+        # Models trained at the same ε share the line, in segments of their colours, so none hides another.
+        for k, color in enumerate(shared):
+            ax.axvline(eps, k / len(shared), (k + 1) / len(shared), color=color, ls=":", lw=1.6)
+        styles["train"] = Line2D([], [], color="k", ls=":", lw=1.6, label="training ε (robust models)")
     ax.set_xlim(0, 0.5)
     ax.set_ylim(0, 101)
     ax.set_xticks(np.linspace(0, 0.5, 6))
