@@ -438,17 +438,18 @@ def _bound_panels(certs: list[Certificate]) -> tuple[list, list[str]]:
             continue
         group = assets.open_asset(lp.path, stage="certify")
         lp_digits = group["indices"][:]
-        candidates = {}
+        candidates = {}  # column → (asset, its group, digits shared with the lp asset)
         for c in certs:
             if c.network == network and c.method in ("dual", "dual-opt") and abs(c.eps - lp.eps) < EPS_TOL:
-                common = len(np.intersect1d(lp_digits, assets.open_asset(c.path, stage="certify")["indices"][:]))
-                if c.key not in candidates or common > candidates[c.key][1]:
-                    candidates[c.key] = (c, common)
+                other = assets.open_asset(c.path, stage="certify")
+                common = len(np.intersect1d(lp_digits, other["indices"][:]))
+                if c.key not in candidates or common > candidates[c.key][2]:
+                    candidates[c.key] = (c, other, common)
         series = []
-        for key in _keys([c for c, _ in candidates.values()]):
-            c, common = candidates[key]
+        for key in _keys([c for c, *_ in candidates.values()]):
+            c, other, common = candidates[key]
             if common:
-                series.append((c, *_pairs(group, assets.open_asset(c.path, stage="certify"))))
+                series.append((c, *_pairs(group, other)))
             else:
                 notes.append(f"{network}: the {key} asset {c.path} shares no test digit with the lp asset {lp.path}; "
                              "make both with the same --count and --seed to compare their bounds.")  # fmt: skip
@@ -654,8 +655,8 @@ def ood_figure(evals: list[Evaluation], folder: Path) -> Path | None:
     colors = _colors(evals)
     fig = _new_figure(min(18, 4.2 * len(sets) + 2.5), 4.8)
     axes = fig.subplots(1, len(sets), squeeze=False, sharey=True)[0]
+    chance = np.logspace(-1, 2, 50)
     for ax, name in zip(axes, sets):
-        chance = np.logspace(-1, 2, 50)
         ax.plot(chance, chance, color="gray", lw=0.8, ls=":")
         for ev in evals:
             for d, style, o in _defense_lines(ev, "ood"):
