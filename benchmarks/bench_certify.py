@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pixgen import certify, models, robust, train
+from pixgen import certify, methods, models, train
 
 EPS, DIGITS, LP_DIGITS, CHUNK = 0.1, 20, 3, 10
 
@@ -28,7 +28,7 @@ EPS, DIGITS, LP_DIGITS, CHUNK = 0.1, 20, 3, 10
 def trained_model(tmp: Path) -> Path:
     if len(sys.argv) > 1:
         return Path(sys.argv[1])
-    config = train.TrainConfig(method="ibp", epochs=2, batch_size=50, lr=5e-3, eps=EPS, ramp_epochs=1, train_size=2000, test_size=200, certify_size=200)
+    config = methods.TrainConfig(method="ibp", epochs=2, batch_size=50, lr=5e-3, eps=EPS, ramp_epochs=1, train_size=2000, test_size=200, certify_size=200)
     return train.run(config, tmp / "ibp")
 
 
@@ -55,12 +55,12 @@ def certify_throughput(folder: Path) -> None:
 
 def training_throughput() -> None:
     def images_per_second(method: str, batch: int, steps: int = 5) -> float:
-        config = robust.resolve(train.TrainConfig(method=method, epochs=2, batch_size=batch))
+        config = methods.TrainConfig(method=method, epochs=2, batch_size=batch)
         torch.manual_seed(0)
         model = models.build("wk-small")
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
         x, y = torch.rand(batch, 1, 28, 28), torch.arange(batch) % 10
-        step = train.Step(config, epoch=1, index=99, total=100)  # past the ramp: ε is the final one
+        step = methods.Step(config, epoch=1, index=99, total=100)  # past the ramp: ε is the final one
         start = time.perf_counter()
         for _ in range(steps):
             loss, _ = train.METHODS[method](model, x, y, step)
@@ -69,8 +69,8 @@ def training_throughput() -> None:
             optimizer.step()
         return steps * batch / (time.perf_counter() - start)
 
-    ibp = images_per_second("ibp", robust.DEFAULTS["ibp"]["batch_size"])
-    dual = images_per_second("dual", robust.DEFAULTS["dual"]["batch_size"])
+    ibp = images_per_second("ibp", methods.METHODS["ibp"].defaults["batch_size"])
+    dual = images_per_second("dual", methods.METHODS["dual"].defaults["batch_size"])
     print(f"ibp training (wk-small, ε 0.1, defaults): ours {ibp:.0f} img/s, baseline {dual:.0f} img/s (dual, 10 projections), ratio {ibp / dual:.1f}×")
 
 

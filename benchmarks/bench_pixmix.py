@@ -122,11 +122,7 @@ def augment_in_child(tmp: Path, mixing_asset: Path, epochs: int, train_size: int
 
 
 def write_mixing_asset(path: Path, pictures: np.ndarray) -> Path:
-    spec = {"images": assets.ArraySpec(pictures.shape, pictures.shape, "uint8")}
-    assets.prepare(path, stage="benchmark-mixing", config={"count": len(pictures)}, arrays=spec, units=1)
-    assets.write_unit(path, 0, {"images": (slice(None), pictures)})
-    assets.finish(path)
-    return path
+    return assets.save_arrays(path, "benchmark-mixing", {"count": len(pictures)}, {"images": pictures}, dims={"images": ("sample", "y", "x")})
 
 
 def main() -> None:

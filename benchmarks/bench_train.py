@@ -28,7 +28,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_pixmix import baseline_pixmix, mixing_pictures, write_mixing_asset  # noqa: E402
 
-from pixgen import augment, data, models, robust, train  # noqa: E402
+from pixgen import augment, data, methods, models, train  # noqa: E402
 
 TRAIN_SIZE = 10_000
 BATCH = 128
@@ -78,15 +78,14 @@ def timed_epoch(batches) -> tuple[float, float, int]:
 
 
 def dual_throughput(projections: int, images: torch.Tensor, labels: torch.Tensor) -> float:
-    general = {k: robust.DEFAULTS["dual"][k] for k in ("batch_size", "lr")}  # as `pixgen train` fills them
-    config = robust.resolve(train.TrainConfig(method="dual", epochs=1, projections=projections, **general))
+    config = methods.TrainConfig(method="dual", epochs=1, projections=projections)
     torch.manual_seed(0)
     model = models.build("wk-small").train()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    step = train.Step(config, epoch=0, index=1, total=1)  # past the ramp: the final ε
+    step = methods.Step(config, epoch=0, index=1, total=1)  # past the ramp: the final ε
     start = time.perf_counter()
     for s in range(0, len(labels), config.batch_size):
-        loss, _ = robust.dual_loss(model, images[s : s + config.batch_size], labels[s : s + config.batch_size], step)
+        loss, _ = methods.dual_loss(model, images[s : s + config.batch_size], labels[s : s + config.batch_size], step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -117,7 +116,7 @@ def main() -> None:
     line("data wait, share of step time (goal < 5%)", 100 * ours_wait, 100 * baseline_wait, "%")
 
     x, y = train.to_tensors(digits[subset[:DUAL_IMAGES]], labels[subset[:DUAL_IMAGES]], torch.device("cpu"))
-    line(f"dual training at defaults (wk-small, batch {robust.DEFAULTS['dual']['batch_size']}, ε 0.1; 10 vs 50 projections, {DUAL_IMAGES} digits)", dual_throughput(10, x, y), dual_throughput(50, x, y), " img/s", True)
+    line(f"dual training at defaults (wk-small, batch {methods.METHODS['dual'].defaults['batch_size']}, ε 0.1; 10 vs 50 projections, {DUAL_IMAGES} digits)", dual_throughput(10, x, y), dual_throughput(50, x, y), " img/s", True)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from . import PixgenError, assets, data, pixmix
-from .progress import bar
 
 STAGE = "augment"
-SIZE = 28
 CONNECT_TIMEOUT_S = 5
 
 
@@ -35,6 +33,7 @@ class AugmentConfig:
     ops: tuple[str, ...] = pixmix.OPS
     chunk: int = 2000
     train_size: int | None = None
+    dataset: str = "mnist"
 
     def __post_init__(self):
         pixmix.check_ops(self.ops)
@@ -44,6 +43,7 @@ class AugmentConfig:
             )
         if self.beta <= 0 or not 0.1 < self.severity <= 10:
             raise PixgenError(f"need beta > 0 and 0.1 < severity <= 10; got {self.beta}, {self.severity}")
+        data.spec(self.dataset)
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,6 @@ class _Job:
     """What every task needs, by reference: absolute paths, so remote workers find the same files."""
 
     config: AugmentConfig
-    out: str
     mixing: tuple[str, ...]
     data_root: str
     n: int
@@ -59,6 +58,22 @@ class _Job:
     @property
     def chunks(self) -> int:
         return -(-self.n // self.config.chunk)
+
+    def chunk_writes(self, unit: int) -> assets.Writes:
+        """One task: PixMix one chunk of one epoch (and, in epoch 0, its labels)."""
+        cfg = self.config
+        epoch, chunk = divmod(unit, self.chunks)
+        images, labels, indices = _train_digits(self.data_root, cfg.dataset, cfg.train_size)
+        mixing = _mixing_pictures(self.mixing)
+        rows = slice(chunk * cfg.chunk, min(self.n, (chunk + 1) * cfg.chunk))
+        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, epoch, chunk]))
+        draws = pixmix.draw(rng, rows.stop - rows.start, len(mixing), k=cfg.k, beta=cfg.beta,
+                            severity=cfg.severity, ops=cfg.ops, size=images.shape[-1])  # fmt: skip
+        # Dask already runs one task per worker, so the kernel stays on this task's thread.
+        writes = {"images": ((epoch, rows), pixmix.apply(images[rows], mixing, draws, parallel=False))}
+        if epoch == 0:
+            writes |= {"labels": (rows, labels[rows]), "indices": (rows, indices[rows])}
+        return writes
 
 
 def run(config: AugmentConfig, mixing_paths, out, workers: int = 1, scheduler: str | None = None,
@@ -70,44 +85,40 @@ def run(config: AugmentConfig, mixing_paths, out, workers: int = 1, scheduler: s
         raise PixgenError("no mixing asset given; pass --mixing PATH (e.g. a `pixgen fractals` asset)")
     if workers < 1:
         raise PixgenError(f"--workers must be at least 1, got {workers}")
-    inputs = {f"mixing{i}": check_mixing(path) for i, path in enumerate(mixing)}
+    size = data.spec(config.dataset).size
+    inputs = {f"mixing{i}": check_mixing(path, size) for i, path in enumerate(mixing)}
     # Connect before the slow part, so a wrong address fails in seconds.
     with _connect(scheduler) as client:
         root = str(data.data_root(data_root).resolve())
-        images, labels, _ = _train_digits(root, config.train_size)
-        inputs["mnist-train"] = data.identity(images, labels)
-        job = _Job(config, str(out), mixing, root, len(labels))
-        todo = assets.prepare(
-            out, stage=STAGE, config=config, inputs=inputs, units=config.epochs * job.chunks, force=force,
-            arrays={
-                "images": assets.ArraySpec((config.epochs, job.n, SIZE, SIZE), (1, config.chunk, SIZE, SIZE), "uint8"),
-                "labels": assets.ArraySpec((job.n,), (config.chunk,), "int64"),
-                "indices": assets.ArraySpec((job.n,), (config.chunk,), "int64"),
-            },
-        )  # fmt: skip
-        if todo:
-            _compute(job, todo, workers, client)
-            assets.finish(out)
-    return out
+        images, labels, _ = _train_digits(root, config.dataset, config.train_size)
+        inputs[f"{config.dataset}-train"] = data.identity(images, labels)
+        job = _Job(config, mixing, root, len(labels))
+        n, c = job.n, config.chunk
+        plan = assets.Plan(STAGE, config, units=config.epochs * job.chunks, inputs=inputs, arrays={
+            "images": assets.ArraySpec((config.epochs, n, size, size), (1, c, size, size), "uint8", ("epoch", "sample", "y", "x")),
+            "labels": assets.ArraySpec((n,), (c,), "int64", ("sample",)),
+            "indices": assets.ArraySpec((n,), (c,), "int64", ("sample",)),
+        })  # fmt: skip
+        return assets.build(out, plan, job.chunk_writes, force=force, workers=workers, client=client)
 
 
-def check_mixing(path: str) -> str:
+def check_mixing(path: str, size: int) -> str:
     """Fail early, in one line, on a mixing asset PixMix cannot use; return its identity."""
     group = assets.open_asset(path)
     if "images" not in group:
         raise PixgenError(f"{path} has no `images` array, so it is not a mixing set; use a fractals or featvis asset")
     arr = group["images"]
-    if arr.ndim != 3 or tuple(arr.shape[1:]) != (SIZE, SIZE) or arr.dtype != np.uint8:
-        raise PixgenError(f"{path}: mixing images must be (N, {SIZE}, {SIZE}) uint8, got {tuple(arr.shape)} {arr.dtype}")
+    if arr.ndim != 3 or tuple(arr.shape[1:]) != (size, size) or arr.dtype != np.uint8:
+        raise PixgenError(f"{path}: mixing images must be (N, {size}, {size}) uint8, got {tuple(arr.shape)} {arr.dtype}")
     if arr.shape[0] == 0:
         raise PixgenError(f"{path} holds no mixing images; rebuild it with a positive --count")
     return assets.asset_id(dict(group.attrs))
 
 
 @functools.lru_cache(maxsize=2)
-def _train_digits(root: str, train_size: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _train_digits(root: str, dataset: str, train_size: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(images, labels, MNIST indices) of the training subset; loaded once per worker process."""
-    images, labels = data.load("mnist", "train", root)
+    images, labels = data.load(dataset, "train", root)
     indices = data.balanced_subset(labels, train_size)
     return images[indices], labels[indices], indices
 
@@ -116,23 +127,6 @@ def _train_digits(root: str, train_size: int | None) -> tuple[np.ndarray, np.nda
 def _mixing_pictures(paths: tuple[str, ...]) -> np.ndarray:
     """All mixing pictures, concatenated in the order given; loaded once per worker process."""
     return np.concatenate([assets.open_asset(path)["images"][:] for path in paths])
-
-
-def _write_chunk(job: _Job, unit: int) -> None:
-    """One task: PixMix one chunk of one epoch and write it (and, in epoch 0, its labels)."""
-    cfg = job.config
-    epoch, chunk = divmod(unit, job.chunks)
-    images, labels, indices = _train_digits(job.data_root, cfg.train_size)
-    mixing = _mixing_pictures(job.mixing)
-    rows = slice(chunk * cfg.chunk, min(job.n, (chunk + 1) * cfg.chunk))
-    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, epoch, chunk]))
-    draws = pixmix.draw(rng, rows.stop - rows.start, len(mixing), k=cfg.k, beta=cfg.beta,
-                        severity=cfg.severity, ops=cfg.ops, size=SIZE)  # fmt: skip
-    # Dask already runs one task per worker, so the kernel stays on this task's thread.
-    writes = {"images": ((epoch, rows), pixmix.apply(images[rows], mixing, draws, parallel=False))}
-    if epoch == 0:
-        writes |= {"labels": (rows, labels[rows]), "indices": (rows, indices[rows])}
-    assets.write_unit(job.out, unit, writes)
 
 
 @contextlib.contextmanager
@@ -154,42 +148,13 @@ def _connect(address: str | None):
         yield client
 
 
-def _compute(job: _Job, todo: list[int], workers: int, client) -> None:
-    import dask
-
-    tasks = [dask.delayed(_write_chunk, pure=False)(job, unit) for unit in todo]
-    with bar(total=len(tasks), desc="augment", unit="chunk") as progress:
-        if client is None:
-            _compute_local(tasks, workers, progress)
-        else:
-            _compute_distributed(tasks, client, progress)
-
-
-def _compute_local(tasks, workers: int, progress) -> None:
-    """Dask's threaded scheduler: the kernel and Zarr's codecs release the GIL, and threads share
-    one copy of MNIST and the mixing set (measured faster than processes; see README)."""
-    import dask
-    from dask.callbacks import Callback
-
-    with Callback(posttask=lambda *_: progress.update()):
-        dask.compute(*tasks, scheduler="threads", num_workers=workers)
-
-
-def _compute_distributed(tasks, client, progress) -> None:
-    from distributed import as_completed
-
-    for future in as_completed(client.compute(tasks)):
-        future.result()
-        progress.update()
-
-
 def save_preview(path, png, data_root=None, count: int = 32, ncol: int = 16) -> Path:
     """A PNG of rows of original digits, each above the same digits after PixMix (epoch 0)."""
     from .grids import save_grid
 
     group = assets.open_asset(path, stage=STAGE)
     count = min(count, group["labels"].shape[0])
-    originals = data.load("mnist", "train", data_root)[0][group["indices"][:count]]
+    originals = data.load(group.attrs["config"].get("dataset", "mnist"), "train", data_root)[0][group["indices"][:count]]
     mixed = group["images"][0, :count]
     rows = []
     for start in range(0, count, ncol):

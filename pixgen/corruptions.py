@@ -19,7 +19,6 @@ from scipy import ndimage
 from skimage import feature
 
 from . import PixgenError, assets, data
-from .progress import bar
 
 SIZE = 28
 CENTRE = (SIZE - 1) / 2  # the generator's affine ops keep pixel coordinate 13.5 fixed
@@ -378,11 +377,12 @@ AFFINE = ("shear", "scale", "rotate", "translate")  # those that overlap PixMix'
 @dataclasses.dataclass(frozen=True)
 class CorruptConfig:
     """seed: randomness of every corruption; count: size of a fixed class-balanced subset of the
-    MNIST test split (None: all 10 000); corruptions: which ones, in this order."""
+    dataset's test split (None: all of it); corruptions: which ones, in this order."""
 
     seed: int = 0
     count: int | None = None
     corruptions: tuple[str, ...] = NAMES
+    dataset: str = "mnist"
 
     def __post_init__(self):
         unknown = [name for name in self.corruptions if name not in CORRUPTIONS]
@@ -392,6 +392,8 @@ class CorruptConfig:
             raise PixgenError("give each corruption once and at least one")
         if self.count is not None and self.count <= 0:
             raise PixgenError(f"count (--count) must be a positive number of test images, got {self.count}")
+        if data.spec(self.dataset).shape != (1, SIZE, SIZE):
+            raise PixgenError(f"the MNIST-C corruptions are defined for 1 × {SIZE} × {SIZE} images; {self.dataset} has {data.spec(self.dataset).shape}")
 
 
 def corruption_rng(seed: int, name: str) -> np.random.Generator:
@@ -406,41 +408,38 @@ def corrupt(images: np.ndarray, name: str, seed: int = 0) -> np.ndarray:
 
 
 def _test_subset(config: CorruptConfig, data_root) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    images, labels = data.load("mnist", "test", data_root)
+    images, labels = data.load(config.dataset, "test", data_root)
     if config.count is not None and config.count > len(labels):
-        raise PixgenError(f"count (--count) {config.count} exceeds the {len(labels)} MNIST test images; leave it out to use them all")
+        raise PixgenError(f"count (--count) {config.count} exceeds the {len(labels)} {config.dataset} test images; leave it out to use them all")
     indices = data.balanced_subset(labels, config.count, config.seed)
     return images[indices], labels[indices], indices
 
 
 def run(config: CorruptConfig, out: str | Path, data_root=None, force: bool = False) -> Path:
-    """Write MNIST-C as a "corrupt" asset: images (C, N, 28, 28) uint8, one corruption per chunk and
-    unit; labels (N,) and indices (N,) into the MNIST test split; names in attrs["corruptions"]."""
-    out = Path(out)
+    """Write `<dataset>-c` as a "corrupt" asset: images (C, N, 28, 28) uint8, one corruption per chunk
+    and unit; labels (N,) and indices (N,) into the test split; names in attrs["corruptions"]."""
     images, labels, indices = _test_subset(config, data_root)
     n, names = len(images), config.corruptions
-    todo = assets.prepare(
-        out,
-        stage=STAGE,
-        config=config,
+    plan = assets.Plan(
+        STAGE,
+        config,
         arrays={
-            "images": assets.ArraySpec((len(names), n, SIZE, SIZE), (1, n, SIZE, SIZE), "uint8"),
-            "labels": assets.ArraySpec((n,), (n,), "int64"),
-            "indices": assets.ArraySpec((n,), (n,), "int64"),
+            "images": assets.ArraySpec((len(names), n, SIZE, SIZE), (1, n, SIZE, SIZE), "uint8", ("corruption", "sample", "y", "x")),
+            "labels": assets.ArraySpec((n,), (n,), "int64", ("sample",)),
+            "indices": assets.ArraySpec((n,), (n,), "int64", ("sample",)),
         },
         units=len(names),
-        inputs={"mnist_test": data.identity(images, labels)},
+        inputs={f"{config.dataset}-test": data.identity(images, labels)},
         attrs={"corruptions": list(names)},
-        force=force,
     )
-    for unit in bar(todo, desc="corrupt", unit="corruption"):
+
+    def work(unit: int) -> assets.Writes:
         writes = {"images": (unit, corrupt(images, names[unit], config.seed))}
         if unit == 0:
             writes.update(labels=(slice(None), labels), indices=(slice(None), indices))
-        assets.write_unit(out, unit, writes)
-    if todo:
-        assets.finish(out)
-    return out
+        return writes
+
+    return assets.build(out, plan, work, force=force, unit_name="corruption")
 
 
 def preview(asset: str | Path, png: str | Path, data_root=None, ncol: int = 12) -> Path:
@@ -449,6 +448,6 @@ def preview(asset: str | Path, png: str | Path, data_root=None, ncol: int = 12) 
 
     group = assets.open_asset(asset, STAGE)
     ncol = min(ncol, group["labels"].shape[0])
-    clean, _ = data.load("mnist", "test", data_root)
+    clean, _ = data.load(group.attrs["config"].get("dataset", "mnist"), "test", data_root)
     rows = [clean[group["indices"][:ncol]]] + [group["images"][c, :ncol] for c in range(group["images"].shape[0])]
     return save_grid(np.concatenate(rows), png, ncol=ncol)

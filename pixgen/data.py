@@ -1,4 +1,5 @@
-"""Raw datasets through torchvision, the data-root rules, and fixed class-balanced subsets."""
+"""Raw datasets (a registry: name → torchvision class, image shape, classes, natural-image OOD
+set), the data-root rules, fixed class-balanced subsets, and the PixMix shards as a batch source."""
 
 from __future__ import annotations
 
@@ -7,11 +8,32 @@ import hashlib
 import os
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from . import PixgenError
+from .assets import asset_id, open_asset
 
-DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    torchvision: str  # class name in torchvision.datasets, and the folder under the data root
+    size: int  # images are size × size
+    channels: int
+    classes: int
+    ood: str  # the other dataset whose test split is this one's natural out-of-distribution set
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.size, self.size)
+
+
+DATASETS = {
+    "mnist": Dataset("MNIST", 28, 1, 10, ood="fashion-mnist"),
+    "fashion-mnist": Dataset("FashionMNIST", 28, 1, 10, ood="mnist"),
+}
 RAW_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
 
@@ -20,22 +42,30 @@ def data_root(option: str | os.PathLike | None = None) -> Path:
     return Path(option or os.environ.get("PIXGEN_DATA_ROOT") or "data/raw")
 
 
+def spec(dataset: str) -> Dataset:
+    if dataset not in DATASETS:
+        raise PixgenError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    return DATASETS[dataset]
+
+
 @functools.lru_cache(maxsize=8)
 def _load(dataset: str, root: str, train: bool) -> tuple[np.ndarray, np.ndarray]:
     from torchvision import datasets
 
-    if dataset not in DATASETS:
-        raise PixgenError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    cls = getattr(datasets, DATASETS[dataset])
+    folder = Path(root) / spec(dataset).torchvision
+    cls = getattr(datasets, spec(dataset).torchvision)
     try:
         ds = cls(root, train=train, download=False)
     except RuntimeError:
+        made = [p for p in (Path(root), folder, folder / "raw") if not p.exists()]
         try:
             ds = cls(root, train=train, download=True)
         except Exception as exc:
-            folder = Path(root) / DATASETS[dataset] / "raw"
+            for path in reversed(made):  # leave the data root as it was, not strewn with empty folders
+                if path.is_dir() and not any(path.iterdir()):
+                    path.rmdir()
             raise PixgenError(
-                f"{dataset} not found in {folder} and could not be downloaded ({type(exc).__name__}); "
+                f"{dataset} not found in {folder / 'raw'} and could not be downloaded ({type(exc).__name__}); "
                 f"put {', '.join(RAW_FILES)} there, or point --data-root / PIXGEN_DATA_ROOT at a "
                 "torchvision-layout root that has them"
             ) from None
@@ -47,9 +77,10 @@ def _load(dataset: str, root: str, train: bool) -> tuple[np.ndarray, np.ndarray]
 
 
 def load(dataset: str = "mnist", split: str = "train", root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 (N, 28, 28), labels int64 (N,)) of a split ("train" or "test"); read-only arrays."""
+    """(images uint8 (N, size, size), labels int64 (N,)) of a split ("train" or "test"); read-only arrays."""
     if split not in ("train", "test"):
         raise PixgenError(f"unknown split {split!r}; choose train or test")
+    spec(dataset)  # an unknown name fails here, in one line
     return _load(dataset, str(data_root(root)), split == "train")
 
 
@@ -67,10 +98,10 @@ def balanced_subset(labels: np.ndarray, size: int | None, seed: int = 0) -> np.n
     Classes get size // n_classes items each, the remainder going to the lowest classes; the
     choice within a class is a seeded permutation, so the subset depends only on (labels, size, seed).
     """
-    if size is None or size >= len(labels):
+    if size is not None and not 0 < size <= len(labels):
+        raise PixgenError(f"a subset of {size} items is asked for, but the split has {len(labels)}; give a size from 1 to {len(labels)}, or none for all")
+    if size is None or size == len(labels):
         return np.arange(len(labels))
-    if size <= 0:
-        raise PixgenError(f"subset size must be positive, got {size}")
     classes = np.unique(labels)
     rng = np.random.default_rng(np.random.SeedSequence([seed, size]))
     base, extra = divmod(size, len(classes))
@@ -91,8 +122,6 @@ def shard_batches(path: str | os.PathLike, epoch: int, batch_size: int = 128, se
     order mixes within and across chunks, is the same on every run, and memory holds one window.
     """
     import torch
-
-    from .assets import open_asset
 
     group = open_asset(path, stage="augment")
     images, labels = group["images"], group["labels"][:]
@@ -115,3 +144,39 @@ def shard_batches(path: str | os.PathLike, epoch: int, batch_size: int = 128, se
             yield x, torch.from_numpy(ys[b : b + batch_size])
         # The remainder joins the next window rather than making a short batch mid-epoch.
         pending_x, pending_y = xs[full:], ys[full:]
+
+
+def open_shards(path, dataset: str, train_identity: str, train_count: int) -> str:
+    """The shards asset at `path`, checked to be PixMix copies of this run's training images:
+    (epochs, N, size, size) uint8, built from the same slice of the dataset's training split.
+    Returns its asset id."""
+    group = open_asset(path, stage="augment")
+    if "images" not in group or "labels" not in group:
+        raise PixgenError(f"{path} has no images/labels arrays; rebuild it with pixgen augment")
+    images, labels = group["images"], group["labels"]
+    size = spec(dataset).size
+    if images.ndim != 4 or tuple(images.shape[2:]) != (size, size) or images.dtype != np.uint8 or labels.shape != images.shape[1:2]:
+        raise PixgenError(f"{path}: shards must be images (epochs, N, {size}, {size}) uint8 with labels (N,), got {tuple(images.shape)} {images.dtype}, labels {tuple(labels.shape)}")
+    built_from = dict(group.attrs).get("inputs", {}).get(f"{dataset}-train")
+    if built_from != train_identity:
+        raise PixgenError(
+            f"{path} was not built from this run's {dataset} training images ({images.shape[1]} images, data id {built_from}; "
+            f"this run trains on {train_count}, id {train_identity}); rebuild it with pixgen augment --dataset {dataset} --train-size {train_count}, "
+            f"or pass --train-size {images.shape[1]} if it was built from this dataset"
+        )
+    return asset_id(dict(group.attrs))
+
+
+def shard_epochs(path, epochs: int, batch_size: int, seed: int, device, log):
+    """`batches(epoch)` for train.fit: training epoch e reads shard epoch e % E."""
+    count = open_asset(path, stage="augment")["images"].shape[0]
+    if epochs > count:
+        log(f"the shards hold {count} PixMix epochs for {epochs} training epochs: epoch e reads shard epoch e % {count}")
+
+    def batches(epoch: int):
+        if epoch >= count:
+            log(f"epoch {epoch + 1}: reusing shard epoch {epoch % count}")
+        for x, y in shard_batches(path, epoch, batch_size, seed):
+            yield x.to(device), y.to(device)
+
+    return batches

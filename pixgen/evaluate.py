@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import PixgenError, __version__, assets, attacks, data, metrics, models
+from . import PixgenError, __version__, assets, attacks, bounds, data, metrics, models
 from .config import config_hash, to_dict
 from .corruptions import AFFINE
 from .dent import Dent, DentConfig
@@ -146,24 +146,29 @@ def perturb(model: nn.Module, attack: str, eps: float, x, y, keys) -> torch.Tens
 # ---------------------------------------------------------------- the other suites
 
 
-def ood_sets(n: int, seed: int, data_root) -> dict[str, np.ndarray]:
-    """Out-of-distribution inputs, n each: Fashion-MNIST test (a fixed class-balanced subset),
-    uniform noise U(0, 1) and Gaussian noise N(0.5, 0.5²) clipped to [0, 1] (float pixels, seeded)."""
-    fashion, labels = data.load("fashion-mnist", "test", data_root)
-    uniform = np.random.default_rng(np.random.SeedSequence([seed, 1])).random((n, 28, 28), dtype=np.float32)
-    gaussian = np.random.default_rng(np.random.SeedSequence([seed, 2])).normal(0.5, 0.5, (n, 28, 28)).astype(np.float32)
+def ood_sets(n: int, seed: int, data_root, dataset: str = "mnist") -> dict[str, np.ndarray]:
+    """Out-of-distribution inputs, n each: the dataset's natural OOD set (MNIST's is Fashion-MNIST
+    and the other way round; a fixed class-balanced subset of its test split), uniform noise
+    U(0, 1) and Gaussian noise N(0.5, 0.5²) clipped to [0, 1] (float pixels, seeded)."""
+    spec = data.spec(dataset)
+    natural, labels = data.load(spec.ood, "test", data_root)
+    uniform = np.random.default_rng(np.random.SeedSequence([seed, 1])).random((n, *spec.shape[1:]), dtype=np.float32)
+    gaussian = np.random.default_rng(np.random.SeedSequence([seed, 2])).normal(0.5, 0.5, (n, *spec.shape[1:])).astype(np.float32)
     return {
-        "fashion-mnist": fashion[data.balanced_subset(labels, n, SUBSET_SEED)],
+        spec.ood: natural[data.balanced_subset(labels, n, SUBSET_SEED)],
         "uniform": uniform[:, None],
         "gaussian": np.clip(gaussian, 0, 1)[:, None],
     }
 
 
-def corruption_accuracy(model, path, config: EvalConfig, device, data_root) -> dict:
+def corruption_accuracy(model, path, config: EvalConfig, device, data_root, dataset: str) -> dict:
     group = assets.open_asset(path, stage="corrupt")
+    made_from = group.attrs["config"].get("dataset", "mnist")
+    if made_from != dataset:
+        raise PixgenError(f"{path} corrupts {made_from} images, but the model was trained on {dataset}; pass a `pixgen corrupt --dataset {dataset}` asset")
     names = list(group.attrs["corruptions"])
     images, labels, indices = group["images"], group["labels"][:], group["indices"][:]
-    clean, _ = data.load("mnist", "test", data_root)
+    clean, _ = data.load(dataset, "test", data_root)
     per = {name: metrics.accuracy(probabilities(model, images[c], config.batch_size, device), labels) for c, name in enumerate(names)}
     kept = [name for name in names if name not in AFFINE]
     return {
@@ -186,10 +191,8 @@ def translation_consistency(model, images: np.ndarray, config: EvalConfig, devic
 
 def certified_accuracy(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: float) -> float:
     """Fraction of digits whose every L∞ perturbation of size eps (inside [0, 1]) keeps the label,
-    by Wong & Kolter's exact dual bound (pixgen.robust.certify)."""
-    from .robust import certify
-
-    return int(certify(model, x, y, eps).sum()) / len(y)
+    by Wong & Kolter's exact dual bound."""
+    return int(bounds.dual_certified(model, x, y, eps).sum()) / len(y)
 
 
 def training_eps(meta: dict) -> float:
@@ -207,7 +210,8 @@ def evaluate_model(folder, config: EvalConfig, defense_names: list[str], mnist_c
     start = time.perf_counter()
     static, meta = models.load(folder, map_location=device)
     static.requires_grad_(False)
-    images, labels = data.load("mnist", "test", data_root)
+    dataset = meta.get("dataset", "mnist")
+    images, labels = data.load(dataset, "test", data_root)
     index = data.balanced_subset(labels, config.test_size, SUBSET_SEED)
     images, labels = images[index], labels[index]
     x, y = to_tensor(images, device), torch.as_tensor(labels, device=device)
@@ -234,12 +238,12 @@ def evaluate_model(folder, config: EvalConfig, defense_names: list[str], mnist_c
                 "bins": metrics.reliability_bins(clean, labels),
             }
         if "ood" in suites:
-            sets = ood_sets(len(labels), config.seed, data_root)
+            sets = ood_sets(len(labels), config.seed, data_root, dataset)
             out["ood"] = {name: metrics.anomaly_detection(clean, probabilities(model, s, config.batch_size, device)) for name, s in sets.items()}
         if "consistency" in suites:
             out["consistency"] = translation_consistency(model, images, config, device)
         if "corruptions" in suites:
-            out["corruptions"] = corruption_accuracy(model, mnist_c, config, device, data_root)
+            out["corruptions"] = corruption_accuracy(model, mnist_c, config, device, data_root, dataset)
         if "certify" in suites and d == "none" and meta.get("method") == "dual":
             n = min(config.certify_size, len(y))
             eps = training_eps(meta)
@@ -250,7 +254,7 @@ def evaluate_model(folder, config: EvalConfig, defense_names: list[str], mnist_c
         "model": {"path": str(folder), "arch": meta["arch"], "method": meta.get("method"), "config_hash": meta.get("config_hash"), "weights_hash": models.weights_hash(static)},
         "config": to_dict(config),
         "config_hash": config_hash(config),
-        "data": {"test_count": int(len(labels)), "test_identity": data.identity(images, labels), "mnist_c": str(mnist_c) if mnist_c else None},
+        "data": {"dataset": dataset, "test_count": int(len(labels)), "test_identity": data.identity(images, labels), "mnist_c": str(mnist_c) if mnist_c else None},
         "device": str(device),
         "seconds": round(time.perf_counter() - start, 2),
         "defenses": results,

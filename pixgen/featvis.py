@@ -30,7 +30,6 @@ activation on the stored uint8 image) and `ratio` (objective / the channel's tes
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -266,33 +265,26 @@ def run(config: FeatvisConfig, model_dir: str | Path, out: str | Path, data_root
     pairs = targets(model)
     if not pairs:
         raise PixgenError(f"model {model_dir} ({meta['arch']}) has fewer than two convolution layers to visualise")
-    digits, labels = data.load("mnist", "test", data_root)
+    dataset = meta.get("dataset", "mnist")
+    digits, labels = data.load(dataset, "test", data_root)
     n, s, c = config.count, config.size, config.chunk
-    units = -(-n // c)
-    todo = assets.prepare(
-        out,
-        stage="featvis",
-        config=config,
+    columns = ("images", "layer", "channel", "objective", "ratio")
+    plan = assets.Plan(
+        "featvis",
+        config,
         arrays={
-            "images": assets.ArraySpec((n, s, s), (c, s, s), "uint8"),
-            "layer": assets.ArraySpec((n,), (c,), "int16"),
-            "channel": assets.ArraySpec((n,), (c,), "int16"),
-            "objective": assets.ArraySpec((n,), (c,), "float32"),
-            "ratio": assets.ArraySpec((n,), (c,), "float32"),
+            "images": assets.ArraySpec((n, s, s), (c, s, s), "uint8", ("sample", "y", "x")),
+            **{name: assets.ArraySpec((n,), (c,), dtype, ("sample",)) for name, dtype in zip(columns[1:], ("int16", "int16", "float32", "float32"))},
         },
-        units=units,
-        inputs={"model": models.weights_hash(model), "mnist_test": data.identity(digits, labels)},
+        units=-(-n // c),
+        inputs={"model": models.weights_hash(model), f"{dataset}-test": data.identity(digits, labels)},
         attrs={"model_arch": meta["arch"], "model_config_hash": meta["config_hash"], "layers": {str(layer): repr(model[layer - 1]) for layer in sorted({p[0] for p in pairs})}},
-        force=force,
     )
-    if not todo:
-        print(f"{out} is complete with this config; nothing to do", file=sys.stderr)
-        return Path(out)
     means = channel_means(model, pairs, digits)
-    with models.deterministic(dev), progress.bar(total=len(todo) * config.steps, desc="featvis", unit="step") as bar:
-        for unit in todo:
+    with models.deterministic(dev), progress.bar(total=plan.units * config.steps, desc="featvis steps", unit="step") as steps:
+
+        def work(unit: int) -> assets.Writes:
             span = slice(unit * c, min(n, (unit + 1) * c))
-            columns = make_chunk(model, pairs, means, config, unit, bar)
-            assets.write_unit(out, unit, {name: (span, array) for name, array in zip(("images", "layer", "channel", "objective", "ratio"), columns)})
-    assets.finish(out)
-    return Path(out)
+            return {name: (span, array) for name, array in zip(columns, make_chunk(model, pairs, means, config, unit, steps))}
+
+        return assets.build(out, plan, work, force=force)

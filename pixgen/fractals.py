@@ -27,7 +27,6 @@ from numba import njit, prange
 
 from . import PixgenError, assets
 from .config import from_dict
-from .progress import bar
 
 STAGE = "fractals"
 MAX_MAPS = 4
@@ -341,34 +340,26 @@ def make_chunk(config: FractalConfig, chunk: int) -> tuple[np.ndarray, np.ndarra
     return images, maps, nmaps
 
 
-def _array_specs(config: FractalConfig) -> dict[str, assets.ArraySpec]:
+def plan(config: FractalConfig) -> assets.Plan:
     n, s, c = config.count, config.size, config.chunk
-    return {
-        "images": assets.ArraySpec((n, s, s), (c, s, s), "uint8"),
-        "systems": assets.ArraySpec((n, MAX_MAPS, 2, 3), (c, MAX_MAPS, 2, 3), "float64"),
-        "nmaps": assets.ArraySpec((n,), (c,), "uint8"),
+    arrays = {
+        "images": assets.ArraySpec((n, s, s), (c, s, s), "uint8", ("sample", "y", "x")),
+        "systems": assets.ArraySpec((n, MAX_MAPS, 2, 3), (c, MAX_MAPS, 2, 3), "float64", ("sample", "map", "row", "column")),
+        "nmaps": assets.ArraySpec((n,), (c,), "uint8", ("sample",)),
     }
+    attrs = {"gray_levels": "log1p(hits)/log1p(max hits), area-averaged, max to 255"}
+    return assets.Plan(STAGE, config, arrays, config.units, attrs=attrs)
 
 
 def run(config: FractalConfig, out: str | Path, workers: int = 1, force: bool = False) -> Path:
     """Build (or resume, or leave alone if up to date) the fractal asset at `out`."""
-    out = Path(out)
     if not 1 <= workers <= numba.config.NUMBA_NUM_THREADS:
         raise PixgenError(f"workers must be between 1 and {numba.config.NUMBA_NUM_THREADS} on this machine, got {workers}")
-    todo = assets.prepare(
-        out, stage=STAGE, config=config, arrays=_array_specs(config), units=config.units, force=force,
-        attrs={"gray_levels": "log1p(hits)/log1p(max hits), area-averaged, max to 255"},
-    )
-    if not todo:
-        print(f"{out} is up to date; nothing to do")
-        return out
-    numba.set_num_threads(workers)
-    with bar(total=len(todo), desc=STAGE, unit="chunk") as progress:
-        for chunk in todo:
-            images, maps, nmaps = make_chunk(config, chunk)
-            rows = slice(chunk * config.chunk, chunk * config.chunk + len(images))
-            assets.write_unit(out, chunk, {"images": (rows, images), "systems": (rows, maps), "nmaps": (rows, nmaps)})
-            progress.update(1)
-    assets.finish(out)
-    print(f"wrote {out}: {config.count} fractals of {config.size}x{config.size}")
-    return out
+    numba.set_num_threads(workers)  # parallel inside a chunk, so chunks run one after another
+
+    def work(chunk: int) -> assets.Writes:
+        images, maps, nmaps = make_chunk(config, chunk)
+        rows = slice(chunk * config.chunk, chunk * config.chunk + len(images))
+        return {"images": (rows, images), "systems": (rows, maps), "nmaps": (rows, nmaps)}
+
+    return assets.build(out, plan(config), work, force=force)

@@ -157,3 +157,13 @@ def flip_rate(predictions: np.ndarray) -> float:
     probability of Hendrycks & Dietterich's -P benchmarks); same input as `consistency`."""
     frames = _frames(predictions)
     return float(np.mean(frames[:, 1:] != frames[:, :-1]))
+
+
+def wilson_interval(correct, total, z: float = 1.959964) -> tuple[np.ndarray, np.ndarray]:
+    """95% Wilson score interval (lower, upper) of a proportion correct / total; elementwise.
+    Unlike the normal approximation it stays inside [0, 1] and is not empty at 0 or total."""
+    k, n = np.asarray(correct, dtype=np.float64), np.asarray(total, dtype=np.float64)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return np.clip(centre - half, 0, 1), np.clip(centre + half, 0, 1)

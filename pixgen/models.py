@@ -1,6 +1,7 @@
 """Network definitions by name, device choice, and the model asset (a folder: weights + metadata).
 
-Networks take pixels in [0, 1] (no input normalisation), so attack budgets are in pixel units.
+Networks take pixels in [0, 1] (no input normalisation), so attack budgets are in pixel units;
+their input shape and number of classes come from the dataset (pixgen.data.DATASETS).
 All are nn.Sequential of Conv2d/Linear/ReLU/Flatten (and BatchNorm2d, MaxPool2d), the form the
 convex-adversarial library can bound.
 """
@@ -16,39 +17,44 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import PixgenError, __version__
+from . import PixgenError, __version__, data
+from .assets import fault
 
 WEIGHTS = "state_dict.pt"
 META = "meta.json"
 
 
-def _wk_small(bn: bool) -> nn.Sequential:
+def _wk_small(shape: tuple[int, int, int], classes: int, bn: bool) -> nn.Sequential:
     def block(cin, cout):
         layers = [nn.Conv2d(cin, cout, 4, stride=2, padding=1)]
         return layers + ([nn.BatchNorm2d(cout)] if bn else []) + [nn.ReLU()]
 
-    return nn.Sequential(*block(1, 16), *block(16, 32), nn.Flatten(), nn.Linear(32 * 7 * 7, 100), nn.ReLU(), nn.Linear(100, 10))
+    channels, size, _ = shape
+    return nn.Sequential(*block(channels, 16), *block(16, 32), nn.Flatten(), nn.Linear(32 * (size // 4) ** 2, 100), nn.ReLU(), nn.Linear(100, classes))
 
 
-def _madry_cnn() -> nn.Sequential:
+def _madry_cnn(shape: tuple[int, int, int], classes: int) -> nn.Sequential:
+    channels, size, _ = shape
     return nn.Sequential(
-        nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(channels, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 7 * 7, 1024), nn.ReLU(), nn.Linear(1024, 10),
+        nn.Flatten(), nn.Linear(64 * (size // 4) ** 2, 1024), nn.ReLU(), nn.Linear(1024, classes),
     )  # fmt: skip
 
 
 ARCHS = {
-    "wk-small": lambda: _wk_small(bn=False),
-    "wk-small-bn": lambda: _wk_small(bn=True),
+    "wk-small": lambda shape, classes: _wk_small(shape, classes, bn=False),
+    "wk-small-bn": lambda shape, classes: _wk_small(shape, classes, bn=True),
     "madry-cnn": _madry_cnn,
 }
 
 
-def build(arch: str) -> nn.Sequential:
+def build(arch: str, dataset: str = "mnist") -> nn.Sequential:
+    """The network `arch` for images and classes of `dataset` (pixgen.data.DATASETS)."""
     if arch not in ARCHS:
         raise PixgenError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
-    return ARCHS[arch]()
+    spec = data.spec(dataset)
+    return ARCHS[arch](spec.shape, spec.classes)
 
 
 def device() -> torch.device:
@@ -80,6 +86,7 @@ def save(folder: str | Path, model: nn.Module, meta: dict) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     _atomic_write(folder / WEIGHTS, lambda p: torch.save(model.state_dict(), p))
+    fault("weights")
     meta = {"pixgen_version": __version__, "stage": "train", **meta}
     _atomic_write(folder / META, lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True)))
 
@@ -102,8 +109,11 @@ def load(folder: str | Path, map_location: str | torch.device = "cpu") -> tuple[
     meta = read_meta(folder)
     if not meta.get("complete"):
         raise PixgenError(f"model {folder} is not finished training; rerun its pixgen train command")
-    model = build(meta["arch"])
-    model.load_state_dict(torch.load(Path(folder) / WEIGHTS, map_location=map_location, weights_only=True))
+    model = build(meta["arch"], meta.get("dataset", "mnist"))
+    try:
+        model.load_state_dict(torch.load(Path(folder) / WEIGHTS, map_location=map_location, weights_only=True))
+    except Exception as exc:  # torch raises many types for a truncated or foreign file
+        raise PixgenError(f"model {folder} is damaged: its {WEIGHTS} cannot be loaded ({type(exc).__name__}); retrain it with pixgen train --force") from None
     return model.eval(), meta
 
 

@@ -29,9 +29,9 @@ import yaml
 
 from . import PixgenError
 from .config import config_hash
+from .stages import STAGES
 
 STATE = "pipeline.json"
-ZARR_COMMANDS = {"fractals", "featvis", "augment", "corrupt", "certify"}
 RESERVED = {"out", "force", "data-root", "help"}  # the pipeline sets these itself
 
 
@@ -44,13 +44,11 @@ class Stage:
     key: str = ""
 
     def output(self, root: Path) -> Path:
-        return root / (f"{self.name}.zarr" if self.command in ZARR_COMMANDS else self.name)
+        return root / (f"{self.name}.zarr" if STAGES[self.command].output == "zarr" else self.name)
 
 
 def _commands() -> dict[str, click.Command]:
-    from .cli import cli
-
-    return {name: cmd for name, cmd in cli.commands.items() if name not in {"run", "info", "grid"}}
+    return {name: spec.command for name, spec in STAGES.items()}
 
 
 def _option_names(command: click.Command) -> dict[str, click.Option]:
@@ -103,6 +101,8 @@ def load(path: str | Path) -> list[Stage]:
                     raise PixgenError(f"{where}: `pixgen {command}` has no option --{option} a pipeline may set (it takes {allowed})")
                 if option in options or option in inputs:
                     raise PixgenError(f"{where}: --{option} is given twice")
+                if isinstance(value, (list, dict)) and not (known[option].multiple or section == "from" and isinstance(value, list)):
+                    raise PixgenError(f"{where}: --{option} takes one value, got {value!r}")
                 target[option] = _as_list(value) if section == "from" else value
         stages[name] = Stage(str(name), command, options, inputs)
     for stage in stages.values():
@@ -110,7 +110,20 @@ def load(path: str | Path) -> list[Stage]:
             for dep in names:
                 if dep not in stages:
                     raise PixgenError(f"{path}: stage {stage.name!r} reads --{option} from {dep!r}, which is not a stage of this pipeline")
-    return _keyed(_order(stages, path))
+    ordered = _keyed(_order(stages, path))
+    for stage in ordered:
+        _check_options(stage, stages, path)
+    return ordered
+
+
+def _check_options(stage: Stage, stages: dict[str, Stage], path: Path) -> None:
+    """Parse the stage's command line as its command would (types, ranges, choices), so a bad
+    option stops the pipeline before its first stage runs, not when that stage's turn comes."""
+    args = argv(stage, stages, Path("."), force=False)
+    try:
+        STAGES[stage.command].command.make_context(stage.command, args[1:])
+    except click.ClickException as exc:
+        raise PixgenError(f"{path}: stage {stage.name!r}: {exc.format_message()}") from None
 
 
 def _order(stages: dict[str, Stage], path: Path) -> list[Stage]:
@@ -197,7 +210,7 @@ def run(path: str | Path, root: str | Path, data_root: str | None = None, dry_ru
         log(f"{head}: running  pixgen {' '.join(args)}  (elapsed {_clock(time.perf_counter() - started)})")
         root.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        code = subprocess.run([sys.executable, "-m", "pixgen", *args], env=env).returncode
+        code = subprocess.run([sys.executable, "-m", "pixgen", *args], env=env, preexec_fn=_die_with_parent).returncode
         seconds = time.perf_counter() - t0
         if code != 0:
             raise PixgenError(f"stage {stage.name!r} (pixgen {stage.command}) failed with exit code {code} after {seconds:.1f} s; fix it and rerun to continue from this stage")
@@ -209,6 +222,16 @@ def run(path: str | Path, root: str | Path, data_root: str | None = None, dry_ru
         for stage in stages:
             log(f"  {stage.name:<24} {_clock(recorded[stage.name]['seconds'])}")
     return root
+
+
+def _die_with_parent() -> None:
+    """In the stage's process, before it starts: ask Linux to kill it when `pixgen run` dies, so a
+    killed pipeline never leaves a stage running beside the rerun that resumes it."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _clock(seconds: float) -> str:

@@ -17,9 +17,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -749,7 +746,7 @@ def adversarial_grid(model_dir, config: ReportConfig, folder: Path, data_root) -
     net, meta = models.load(model_dir, map_location=device)
     net.requires_grad_(False)
     images, labels = data.load("mnist", "test", data_root)
-    index = data.balanced_subset(labels, config.columns, SUBSET_SEED)
+    index = data.balanced_subset(labels, min(config.columns, len(labels)), SUBSET_SEED)
     x, y = to_tensor(images[index], device), torch.as_tensor(labels[index], device=device)
     rows, row_labels, wrong, predicted = [], [], [], []
     for attack, name in ATTACKS.items():
@@ -881,12 +878,10 @@ def run(config: ReportConfig, evals, out, *, fractals=None, featvis=None, shards
     inputs = {"fractals": _asset_input(fractals), "featvis": _asset_input(featvis), "shards": _asset_input(shards), "mnist_c": _asset_input(mnist_c)}
     if model is not None:
         models.read_meta(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the report should read like any folder
-    try:
+    with assets.lock(out):
+        assets.recover(out)  # a report folder half-written by a killed run goes
+        tmp = assets.staging(out)
+        tmp.mkdir()
         cols = columns(evaluations, config) + certified_columns(certs, evaluations)
         figures = []
         for attack, name in ATTACKS.items():
@@ -927,14 +922,5 @@ def run(config: ReportConfig, evals, out, *, fractals=None, featvis=None, shards
         }
         (tmp / MARKER).write_text(json.dumps(marker, indent=2))
         _check_out(out)  # again: something may have appeared there while the figures were drawn
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        assets.install(out)
     return out / "index.html"

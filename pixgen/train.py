@@ -1,9 +1,7 @@
-"""Training: one loop for every method; a method is one function that turns a batch into a loss.
+"""Training: one loop for every method (pixgen.methods: how a method turns a batch into a loss).
 
-A method's loss function is called as `loss(model, images, labels, step) -> (loss, logits)`;
-the logits are what the loss was computed on (adversarial examples for an attack method) and give
-the training accuracy. Methods that need randomness draw it from torch's global RNG, whose state
-is checkpointed, so a resumed run draws what an uninterrupted one would.
+Methods that need randomness draw it from torch's global RNG, whose state is checkpointed, so a
+resumed run draws what an uninterrupted one would.
 
 Batches come from `mnist_batches` (a seeded permutation per epoch); a method that reads batches
 elsewhere (PixMix shards) passes another `batches(epoch)` to `fit`.
@@ -17,71 +15,21 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import PixgenError, certify, data, models, progress, robust
+from . import PixgenError, assets, data, models, progress
 from .config import config_hash, to_dict
+from .methods import METHODS, Step, TrainConfig
 
 CHECKPOINT = "checkpoint.pt"
 SUBSET_SEED = 0  # the --train-size/--test-size subsets are fixed, whatever the training seed
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    method: str = "standard"
-    arch: str = "wk-small"
-    epochs: int = 10
-    seed: int = 0
-    batch_size: int = 128
-    lr: float = 2e-3  # peak of the one-cycle schedule
-    warmup: float = 0.1  # fraction of all steps spent ramping the learning rate up
-    train_size: int | None = None
-    test_size: int | None = None
-    # Options of the robust methods (pixgen.robust); None takes the method's default there.
-    eps: float | None = None
-    eps_start: float | None = None
-    ramp_epochs: float | None = None
-    attack: str | None = None
-    attack_steps: int | None = None
-    step_size: float | None = None  # a multiple of the current ε
-    projections: int | None = None  # 0: the exact bound
-    certify_size: int | None = None
-
-
-@dataclass(frozen=True)
-class Step:
-    """Where training stands, for methods whose loss changes over training (e.g. an ε ramp)."""
-
-    config: TrainConfig
-    epoch: int
-    index: int  # global step, from 0
-    total: int  # steps in the whole run
-
-    @property
-    def progress(self) -> float:
-        return self.index / self.total
-
-
-Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor, Step], tuple[torch.Tensor, torch.Tensor]]
-
-
-def standard_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, step: Step):
-    logits = model(images)
-    return F.cross_entropy(logits, labels), logits
-
-
-# pixmix is plain cross-entropy; its difference is the batch source (the shards).
-METHODS: dict[str, Loss] = {"standard": standard_loss, "pixmix": standard_loss, "pgd": robust.adversarial_loss, "dual": robust.dual_loss, "ibp": certify.ibp_loss}
 
 
 def log(message: str) -> None:
@@ -122,21 +70,8 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     return correct / len(labels)
 
 
-def validate(config: TrainConfig) -> None:
-    if config.method not in METHODS:
-        raise PixgenError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
-    if config.arch not in models.ARCHS:
-        raise PixgenError(f"unknown architecture {config.arch!r}; choose one of {', '.join(models.ARCHS)}")
-    for name in ("epochs", "batch_size"):
-        if getattr(config, name) < 1:
-            raise PixgenError(f"{name} must be at least 1, got {getattr(config, name)}")
-    if not config.lr > 0 or not 0 <= config.warmup < 1:
-        raise PixgenError(f"need lr > 0 and 0 <= warmup < 1, got lr {config.lr}, warmup {config.warmup}")
-    robust.validate(config)
-
-
-def load_split(split: str, size: int | None, data_root) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = data.load("mnist", split, data_root)
+def load_split(split: str, size: int | None, data_root, dataset: str = "mnist") -> tuple[np.ndarray, np.ndarray]:
+    images, labels = data.load(dataset, split, data_root)
     index = data.balanced_subset(labels, size, SUBSET_SEED)
     return images[index], labels[index]
 
@@ -153,8 +88,7 @@ def _prepare_folder(out: Path, identity: dict, force: bool) -> str:
             f"{out} holds a model trained with another config or data (hash {meta.get('config_hash')}, "
             f"now {identity['config_hash']}); pass --force to replace it or choose another --out"
         )
-    shutil.rmtree(out)
-    return "fresh"
+    return "fresh"  # assets.install replaces it once the new folder exists
 
 
 def _save_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, history: list) -> None:
@@ -168,6 +102,7 @@ def _save_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     }
     tmp = out / (CHECKPOINT + ".tmp")
     torch.save(state, tmp)
+    assets.fault("checkpoint")
     os.replace(tmp, out / CHECKPOINT)
 
 
@@ -175,7 +110,10 @@ def _load_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     path = out / CHECKPOINT
     if not path.is_file():  # killed before its first epoch ended
         return 0, []
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a truncated or foreign file
+        raise PixgenError(f"{path} is damaged ({type(exc).__name__}); rerun with --force to train from scratch, or remove it") from None
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
@@ -184,7 +122,7 @@ def _load_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     return state["epoch"], state["history"]
 
 
-def train_epoch(model, optimizer, batches, loss_fn: Loss, config: TrainConfig, epoch: int, steps_per_epoch: int) -> dict:
+def train_epoch(model, optimizer, batches, config: TrainConfig, epoch: int, steps_per_epoch: int) -> dict:
     model.train()
     total = steps_per_epoch * config.epochs
     loss_sum = correct = seen = 0
@@ -193,7 +131,7 @@ def train_epoch(model, optimizer, batches, loss_fn: Loss, config: TrainConfig, e
         index = epoch * steps_per_epoch + i
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, index, total)
-        loss, logits = loss_fn(model, images, labels, Step(config, epoch, index, total))
+        loss, logits = METHODS[config.method].loss(model, images, labels, Step(config, epoch, index, total))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -218,16 +156,16 @@ def fit(
     if first:
         log(f"resuming {out} after epoch {first}/{config.epochs}")
     for epoch in range(first, config.epochs):
-        record = train_epoch(model, optimizer, batches(epoch), METHODS[config.method], config, epoch, steps_per_epoch)
+        record = train_epoch(model, optimizer, batches(epoch), config, epoch, steps_per_epoch)
         record["test_accuracy"] = accuracy(model, *test)
-        extra = robust.epoch_metrics(model, test, config)
+        extra = METHODS[config.method].epoch_metrics(model, test, config)
         record.update(extra)
         history.append(record)
         shown = "".join(f", {k} {v:.4f}" for k, v in extra.items() if isinstance(v, float))
         log(f"epoch {epoch + 1}/{config.epochs}: loss {record['loss']:.4f}, train {record['train_accuracy']:.4f}, test {record['test_accuracy']:.4f}{shown}, {record['seconds']:.1f} s")
         _save_checkpoint(out, model, optimizer, epoch + 1, history)
         models.save(out, model, {**meta, "epochs_done": epoch + 1, "history": history, "complete": False})
-    final = robust.final_metrics(model, test, config)
+    final = METHODS[config.method].final_metrics(model, test, config)
     if final:
         log(f"{config.method}: {final}")
     models.save(out, model, {**meta, "epochs_done": config.epochs, "history": history, "test_accuracy": history[-1]["test_accuracy"], **final, "complete": True})
@@ -237,29 +175,39 @@ def fit(
 def run(config: TrainConfig, out: str | Path, data_root=None, force: bool = False, shards=None) -> Path:
     """Train `config` into the model folder `out` (resuming it, or doing nothing if it is done).
     Method pixmix trains on the PixMix `shards` asset (from pixgen augment) of the training digits."""
-    config = robust.resolve(config)
-    validate(config)
-    if (config.method == "pixmix") != (shards is not None):
+    if METHODS[config.method].reads_shards != (shards is not None):
         raise PixgenError("method pixmix needs --shards PATH (a pixgen augment asset), and only pixmix reads shards")
     out = Path(out)
-    train_images, train_labels = load_split("train", config.train_size, data_root)
-    test_images, test_labels = load_split("test", config.test_size, data_root)
+    train_images, train_labels = load_split("train", config.train_size, data_root, config.dataset)
+    test_images, test_labels = load_split("test", config.test_size, data_root, config.dataset)
     identity = {
         "config_hash": config_hash(config),
         "data": {"train": data.identity(train_images, train_labels), "test": data.identity(test_images, test_labels)},
     }
     if shards is not None:
-        identity["shards"] = robust.open_shards(shards, identity["data"]["train"], len(train_labels))
+        identity["shards"] = data.open_shards(shards, config.dataset, identity["data"]["train"], len(train_labels))
+    try:
+        with assets.lock(out):
+            assets.recover(out)
+            return _train(config, out, identity, force, (train_images, train_labels), (test_images, test_labels), shards)
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        raise PixgenError(f"cannot write {exc.filename or out}: {exc.strerror}; choose a writable --out with free space") from None
+
+
+def _train(config: TrainConfig, out: Path, identity: dict, force: bool, train_split, test_split, shards) -> Path:
     state = _prepare_folder(out, identity, force)
     if state == "done":
         log(f"{out} is already trained with this config; nothing to do")
         return out
-
+    (train_images, train_labels), (test_images, test_labels) = train_split, test_split
     dev = models.device()
     torch.manual_seed(config.seed)
-    model = models.build(config.arch).to(dev)
+    model = models.build(config.arch, config.dataset).to(dev)
     meta = {
         "arch": config.arch,
+        "dataset": config.dataset,
         "method": config.method,
         "config": to_dict(config),
         **identity,
@@ -268,14 +216,16 @@ def run(config: TrainConfig, out: str | Path, data_root=None, force: bool = Fals
         "device": str(dev),
         "eps": config.eps,
     }
-    if state == "fresh":
-        models.save(out, model, {**meta, "epochs_done": 0, "history": [], "complete": False})
+    if state == "fresh":  # the folder appears whole, with its untrained weights and meta.json
+        models.save(assets.staging(out), model, {**meta, "epochs_done": 0, "history": [], "complete": False})
+        assets.fault("layout")
+        assets.install(out)
     x, y = to_tensors(train_images, train_labels, dev)
     steps = math.ceil(len(y) / config.batch_size)
     if shards is None:
         batches = lambda epoch: mnist_batches(x, y, config.batch_size, config.seed, epoch)  # noqa: E731
     else:
-        batches = robust.shard_epochs(shards, config.epochs, config.batch_size, config.seed, dev, log)
+        batches = data.shard_epochs(shards, config.epochs, config.batch_size, config.seed, dev, log)
     with models.deterministic(dev):
         fit(model, out, config, meta, batches, steps, to_tensors(test_images, test_labels, dev))
     return out

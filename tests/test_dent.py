@@ -10,7 +10,8 @@ import torchattacks
 
 from pixgen import data, models
 from pixgen.dent import Dent, DentConfig, adam_step, adamod_step, entropy
-from pixgen.train import TrainConfig, run
+from pixgen.methods import TrainConfig
+from pixgen.train import run
 
 ARCHS = ("wk-small", "wk-small-bn")
 

@@ -137,7 +137,7 @@ def test_info_describes_the_asset(built):
 def test_rerun_of_complete_asset_is_a_no_op(built):
     before = {p: p.stat().st_mtime_ns for p in built.rglob("*")}
     proc = pixgen("fractals", "--out", built, *CLI_SMALL)
-    assert "up to date" in proc.stdout
+    assert "nothing to do" in proc.stderr
     assert {p: p.stat().st_mtime_ns for p in built.rglob("*")} == before
 
 
@@ -168,7 +168,7 @@ def test_resume_after_sigkill_gives_the_same_bytes(tmp_path):
     assert zarr.open_group(str(out), mode="r").attrs["complete"] is False
     kept = {p: p.stat().st_mtime_ns for unit in np.flatnonzero(done) for p in (out / "images" / "c" / str(unit)).rglob("*")}
 
-    assert "wrote" in pixgen("fractals", "--out", out, *options, "--workers", "2").stdout
+    assert "output:" in pixgen("fractals", "--out", out, *options, "--workers", "2").stdout
     fractals.run(FractalConfig(count=1600, chunk=100, points=50_000), tmp_path / "whole.zarr", workers=2)
     assert_same_bytes(out, tmp_path / "whole.zarr")
     assert kept and {p: p.stat().st_mtime_ns for p in kept} == kept  # done units were not redone

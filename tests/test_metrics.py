@@ -108,3 +108,12 @@ def test_translation_sequences():
     assert np.array_equal(seqs[0, 2], images) and np.array_equal(seqs[1, 2], images)
     assert seqs[0, 3, :, 10, 13].all() and seqs[0, 0, :, 10, 10].all()  # x: +1 px right, −2 px left
     assert seqs[1, 4, :, 12, 12].all() and seqs[0, 4].sum() == images.sum()
+
+
+def test_wilson_interval_matches_known_values():
+    # 81 of 263 (Wilson 1927's style of example; statsmodels' proportion_confint method="wilson"
+    # gives 0.2553, 0.3662), and the edges: 0 of 500 is not the empty interval [0, 0].
+    lo, hi = metrics.wilson_interval(81, 263)
+    assert abs(lo - 0.2553) < 5e-4 and abs(hi - 0.3662) < 5e-4
+    lo, hi = metrics.wilson_interval(np.array([0, 500]), 500)
+    assert lo[0] == 0 and 0.005 < hi[0] < 0.01 and 0.99 < lo[1] < 0.995 and hi[1] == 1

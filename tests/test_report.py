@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import pixgen
-from pixgen import PixgenError, assets, models, report
+from pixgen import PixgenError, assets, methods, models, report
 
 EPS = [0.0, 0.1, 0.2, 0.3]
 CORRUPTIONS = ["shot_noise", "rotate", "fog"]
@@ -77,11 +77,7 @@ def evals(tmp_path_factory) -> Path:
 
 
 def small_asset(path: Path, stage: str, arrays: dict[str, np.ndarray], attrs: dict | None = None) -> Path:
-    specs = {k: assets.ArraySpec(v.shape, v.shape, str(v.dtype)) for k, v in arrays.items()}
-    assets.prepare(path, stage=stage, config={"test": stage}, arrays=specs, units=1, attrs=attrs)
-    assets.write_unit(path, 0, {k: ((slice(None),) * v.ndim, v) for k, v in arrays.items()})
-    assets.finish(path)
-    return path
+    return assets.save_arrays(path, stage, {"test": stage}, arrays, attrs=attrs)
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +241,7 @@ def certified(tmp_path_factory) -> dict:
     from pixgen.cli import cli
 
     root = tmp_path_factory.mktemp("certified")
-    config = train.TrainConfig(method="ibp", epochs=2, batch_size=50, lr=5e-3, eps=CERT_EPS, ramp_epochs=1, train_size=2000, test_size=100, certify_size=100)
+    config = methods.TrainConfig(method="ibp", epochs=2, batch_size=50, lr=5e-3, eps=CERT_EPS, ramp_epochs=1, train_size=2000, test_size=100, certify_size=100)
     net = train.run(config, root / "ibp-net")
     torch.manual_seed(0)
     models.save(root / "raw-net", models.build("wk-small"), {"arch": "wk-small", "method": "standard", "config_hash": "0", "complete": True})

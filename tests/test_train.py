@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from conftest import pixgen
-from pixgen import PixgenError, train
+from pixgen import PixgenError, methods, train
 
 SMALL = ["--train-size", "4000", "--test-size", "1000", "--batch-size", "32"]
 
 
 def test_loss_decreases_and_one_short_epoch_reaches_90_percent(tmp_path):
-    config = train.TrainConfig(epochs=2, batch_size=32, train_size=5000, test_size=1000)
+    config = methods.TrainConfig(epochs=2, batch_size=32, train_size=5000, test_size=1000)
     out = train.run(config, tmp_path / "model")
     meta = json.loads((out / "meta.json").read_text())
     first, second = meta["history"]
@@ -63,7 +63,7 @@ def test_resume_after_sigkill_gives_the_same_weights(tmp_path):
 
 def test_finished_run_is_a_no_op_and_another_config_needs_force(tmp_path, capsys):
     out = tmp_path / "model"
-    config = train.TrainConfig(epochs=1, train_size=500, test_size=200)
+    config = methods.TrainConfig(epochs=1, train_size=500, test_size=200)
     train.run(config, out)
     before = (out / "state_dict.pt").stat().st_mtime_ns
     train.run(config, out)
@@ -92,5 +92,5 @@ def test_bad_options_are_one_clear_line(tmp_path, extra, message):
 def test_refuses_a_folder_that_is_not_a_model(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(PixgenError, match="not a pixgen model"):
-        train.run(train.TrainConfig(train_size=100), tmp_path, force=True)
+        train.run(methods.TrainConfig(train_size=100), tmp_path, force=True)
     assert (tmp_path / "notes.txt").read_text() == "mine"
