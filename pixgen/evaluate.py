@@ -121,7 +121,7 @@ def adversarial_accuracy(defs: dict, attack: str, eps_list, x: torch.Tensor, y: 
             for d, spec in defs.items():
                 for threat, (attacked, evaluated) in spec["threats"].items():
                     if id(attacked) not in made:
-                        made[id(attacked)] = perturb(attacked, attack, eps, x[s], y[s], (config.seed, attacks.ATTACKS.index(attack), round(eps * 1e6), b))
+                        made[id(attacked)] = perturb(attacked, attack, eps, x[s], y[s], config.seed, b)
                     with torch.no_grad():
                         correct[d][threat][i, s] = (evaluated(made[id(attacked)]).argmax(1) == y[s]).cpu().numpy()
             progress.update(1)
@@ -135,12 +135,9 @@ def adversarial_accuracy(defs: dict, attack: str, eps_list, x: torch.Tensor, y: 
     return result
 
 
-def perturb(model: nn.Module, attack: str, eps: float, x, y, keys) -> torch.Tensor:
-    """Adversarial images; at ε = 0 every attack is the identity, so none is run."""
-    if eps == 0:
-        return x
-    with attacks.seeded(*keys):
-        return attacks.build(attack, model, eps, seed=keys[0])(x, y)
+def perturb(model: nn.Module, attack: str, eps: float, x, y, seed: int, batch: int = 0) -> torch.Tensor:
+    """Adversarial images, their randomness keyed by (seed, attack, ε, batch)."""
+    return attacks.build(attack, model, eps, seed=seed, batch=batch)(x, y)
 
 
 # ---------------------------------------------------------------- the other suites

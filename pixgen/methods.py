@@ -233,13 +233,11 @@ def pgd_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, e
     training RNG is left as it was."""
     model.eval()
     correct = 0
-    with attacks.seeded(SAMPLE_SEED):
-        attack = attacks.build("pgd", model, eps)
-        for s in range(0, len(labels), batch_size):
-            x, y = images[s : s + batch_size], labels[s : s + batch_size]
-            adversarial = attack(x, y)
-            with torch.no_grad():
-                correct += int((model(adversarial).argmax(1) == y).sum())
+    for b, s in enumerate(range(0, len(labels), batch_size)):
+        x, y = images[s : s + batch_size], labels[s : s + batch_size]
+        adversarial = attacks.build("pgd", model, eps, seed=SAMPLE_SEED, batch=b)(x, y)
+        with torch.no_grad():
+            correct += int((model(adversarial).argmax(1) == y).sum())
     return correct / len(labels)
 
 

@@ -739,7 +739,6 @@ def adversarial_grid(model_dir, config: ReportConfig, folder: Path, data_root) -
     """FGSM and PGD-40 digits of one model at each of config.adv_eps, wrong predictions framed."""
     import torch
 
-    from . import attacks
     from .evaluate import SUBSET_SEED, perturb, to_tensor
 
     device = models.device()
@@ -751,7 +750,7 @@ def adversarial_grid(model_dir, config: ReportConfig, folder: Path, data_root) -
     rows, row_labels, wrong, predicted = [], [], [], []
     for attack, name in ATTACKS.items():
         for eps in config.adv_eps:
-            adv = perturb(net, attack, eps, x, y, (config.seed, attacks.ATTACKS.index(attack), round(eps * 1e6)))
+            adv = perturb(net, attack, eps, x, y, config.seed)
             with torch.no_grad():
                 pred = net(adv).argmax(1)
             bad = (pred != y).cpu().numpy()

@@ -50,8 +50,7 @@ def test_fgsm_at_zero_is_clean(folder, digits):
 def test_pgd_at_least_as_strong_as_fgsm(folder, digits):
     net, _ = models.load(folder)
     x, y = digits[0][:100], digits[1][:100]
-    with attacks.seeded(0):
-        pgd = accuracy(net, attacks.build("pgd", net, 0.1)(x, y), y)
+    pgd = accuracy(net, attacks.build("pgd", net, 0.1)(x, y), y)
     fgsm = accuracy(net, attacks.build("fgsm", net, 0.1)(x, y), y)
     assert pgd <= fgsm, (pgd, fgsm)
 
@@ -61,8 +60,7 @@ def test_certificate_is_exact_at_zero_and_sound(folder, digits):
     x, y = digits[0][:10], digits[1][:10]
     assert evaluate.certified_accuracy(net, x, y, 1e-6) == accuracy(net, x, y)
     certified = evaluate.certified_accuracy(net, x, y, 0.01)
-    with attacks.seeded(0):
-        attacked = accuracy(net, attacks.build("pgd", net, 0.01)(x, y), y)
+    attacked = accuracy(net, attacks.build("pgd", net, 0.01)(x, y), y)
     assert 0 <= certified <= attacked
 
 

@@ -107,8 +107,7 @@ def test_certificate_is_sound_against_pgd_with_restarts(dual_model):
     proved = bounds.dual_certified(model, x, y, eps)
     assert 0 < int(proved.sum()) < len(y)
     for restart in range(5):
-        with attacks.seeded(restart):
-            adversarial = attacks.build("pgd", model, eps)(x, y)
+        adversarial = attacks.build("pgd", model, eps, seed=restart)(x, y)
         assert (adversarial - x).abs().max() <= eps + 1e-6
         fooled = model(adversarial).argmax(1) != y
         assert not (fooled & proved).any()
