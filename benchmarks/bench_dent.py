@@ -7,7 +7,9 @@
    prediction can cost). Goal: ratio ≤ 1.5 on every architecture. Timed alternately in this
    process, so the ratio survives a noisy machine. Networks are untrained (cost does not depend
    on the weights).
-2. `evaluate`: the wall time of `pixgen evaluate` for one wk-small network, default suite
+2. `adaptive <attack> wk-small: X ms per digit`: each attack of pixgen.adaptive at its defaults,
+   ε 0.1, on one DENT batch (`dent`, 128 digits; `eot_batches` on 32 digits, a pool of 128).
+3. `evaluate`: the wall time of `pixgen evaluate` for one wk-small network, default suite
    (clean, FGSM 0…0.5 step 0.02, PGD-40 0…0.5 step 0.1, calibration, OOD, consistency; no
    MNIST-C, no DENT) on 200 test digits.
 Run from the repository root: `.venv/bin/python benchmarks/bench_dent.py` (or `make bench`).
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from pixgen import evaluate, models
+from pixgen import adaptive, evaluate, models
 from pixgen.dent import DEFENSES, Dent
 
 REPEATS = 5
@@ -55,6 +57,18 @@ def dent_cost(defence: str, arch: str) -> None:
           f"(batch {config.batch_size}, {config.steps} steps against {config.steps + 1} forward+backward; goal ≤ 1.5×)")
 
 
+def attack_cost() -> None:
+    torch.manual_seed(0)
+    dent = Dent(models.build("wk-small").eval(), DEFENSES["dent"])
+    x, y = torch.rand(dent.config.batch_size, 1, 28, 28), torch.randint(0, 10, (dent.config.batch_size,))
+    for name in ("transfer", "fixed_point", "adaptive_pgd", "eot_batches"):
+        digits = 32 if name == "eot_batches" else len(x)
+        params = {"pool": x} if name == "eot_batches" else {}
+        start = time.perf_counter()
+        getattr(adaptive, name)(dent, x[:digits], y[:digits], 0.1, 0, **params)
+        print(f"adaptive {name} wk-small: {1000 * (time.perf_counter() - start) / digits:.1f} ms per digit ({digits} digits, defaults)")
+
+
 def evaluate_time() -> None:
     config = evaluate.EvalConfig(suites=("clean", "fgsm", "pgd", "calibration", "ood", "consistency"), test_size=200)
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,4 +84,5 @@ if __name__ == "__main__":
     for defence in DEFENSES:
         for arch in ("wk-small", "wk-small-bn", "madry-cnn"):
             dent_cost(defence, arch)
+    attack_cost()
     evaluate_time()

@@ -222,19 +222,23 @@ def adamod_step(param: torch.Tensor, grad: torch.Tensor, state, step: int, lr: f
 
 def warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """Per-sample affine warp (theta (B, 2, 3) in normalised coordinates), bilinear, zero fill."""
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    # F.affine_grid's grid, built by broadcasting: its batched 3×2 matrix products cost more.
+    height, width = x.shape[-2:]
+    xs = torch.linspace(-1 + 1 / width, 1 - 1 / width, width, dtype=x.dtype, device=x.device).view(1, 1, width, 1)
+    ys = torch.linspace(-1 + 1 / height, 1 - 1 / height, height, dtype=x.dtype, device=x.device).view(1, height, 1, 1)
+    theta = theta.transpose(1, 2).reshape(-1, 1, 3, 2)
+    grid = xs * theta[:, :, 0:1] + ys * theta[:, :, 1:2] + theta[:, :, 2:3]
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def blur(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """Per-sample separable blur with taps [a, 1 − 2a, a] along both axes (edges replicated)."""
-    a = a.reshape(-1, *([1] * (x.dim() - 1)))
-    for axis in (-1, -2):
-        padded = F.pad(x, (1, 1, 0, 0) if axis == -1 else (0, 0, 1, 1), mode="replicate")
-        size = x.shape[axis]
-        before, after = padded.narrow(axis, 0, size), padded.narrow(axis, 2, size)
-        x = (1 - 2 * a) * x + a * (before + after)
-    return x
+    """Per-sample separable blur with taps [a, 1 − 2a, a] along both axes (edges replicated):
+    x + a·(second difference), along rows, then columns."""
+    a = a.view(-1, *([1] * (x.dim() - 1)))
+    padded = F.pad(x, (1, 1, 0, 0), mode="replicate")
+    x = x + a * (padded[..., :-2] + padded[..., 2:] - 2 * x)
+    padded = F.pad(x, (0, 0, 1, 1), mode="replicate")
+    return x + a * (padded[..., :-2, :] + padded[..., 2:, :] - 2 * x)
 
 
 # ---------------------------------------------------------------- the network's adaptable layers
@@ -252,12 +256,12 @@ class StaticBatchNorm(nn.Module):
         self.register_buffer("inv_std", (bn.running_var.detach() + bn.eps).rsqrt())
 
     def forward(self, x, weight=None, bias=None):
-        # Folded into one scale and shift per (sample, channel): one pass over the feature map.
+        # Folded into one scale and shift per (sample, channel).
         weight = self.weight if weight is None else weight
         bias = self.bias if bias is None else bias
         scale = weight * self.inv_std
-        shift = torch.addcmul(bias, scale, self.mean, value=-1)
-        return torch.addcmul(_per_channel(shift, x), x, _per_channel(scale, x))
+        shift = bias - self.mean * scale
+        return x * _per_channel(scale, x) + _per_channel(shift, x)
 
 
 class ChannelAffine(nn.Module):
@@ -271,7 +275,7 @@ class ChannelAffine(nn.Module):
     def forward(self, x, weight=None, bias=None):
         weight = self.weight if weight is None else weight
         bias = self.bias if bias is None else bias
-        return torch.addcmul(_per_channel(bias, x), x, _per_channel(weight, x))
+        return x * _per_channel(weight, x) + _per_channel(bias, x)
 
 
 def _per_channel(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pixgen import data, models
-from pixgen.dent import DEFENSES, VARIANTS, Dent, DentConfig, adam_step, adamod_step, entropy, predict_in_batches, shot
+from pixgen.dent import DEFENSES, VARIANTS, Dent, DentConfig, adam_step, adamod_step, blur, entropy, predict_in_batches, shot, warp
 from pixgen.train import TrainConfig, run
 
 ARCHS = ("wk-small", "wk-small-bn")
@@ -155,6 +155,19 @@ def test_predictions_depend_on_the_batch_and_are_made_in_its_size(nets, digits):
         batched = predict_in_batches(dent, x)
         torch.testing.assert_close(batched, torch.cat([dent(x[:128]), dent(x[128:])]), atol=0, rtol=0)
         assert not torch.equal(batched, dent(x))
+
+
+def test_input_transform_is_an_affine_warp_and_a_three_tap_blur():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, 28, 28, generator=gen)
+    theta = torch.eye(2, 3) + 0.05 * torch.randn(4, 2, 3, generator=gen)
+    grid = nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    torch.testing.assert_close(warp(x, theta), nn.functional.grid_sample(x, grid, align_corners=False), atol=1e-5, rtol=0)
+    a = torch.tensor([0.0, 0.1, 0.2, 0.25])
+    padded = nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
+    for i, taps in enumerate(torch.stack([a, 1 - 2 * a, a], 1)):
+        reference = nn.functional.conv2d(padded[i : i + 1], torch.outer(taps, taps)[None, None])
+        torch.testing.assert_close(blur(x, a)[i : i + 1], reference, atol=1e-6, rtol=0)
 
 
 def test_wrapped_network_is_untouched_and_modes_ignored(nets, digits):
