@@ -93,13 +93,12 @@ class Dent(nn.Module):
         self.variant = VARIANTS[0] if any(isinstance(m, StaticBatchNorm) for m in self.model) else VARIANTS[1]
         start = collect_params(self.model)
         if config.adapt_input:
-            start += [torch.eye(2, 3).flatten(), torch.zeros(1)]  # warp, blur: the identity
+            start = [torch.eye(2, 3).flatten(), torch.zeros(1)] + start  # warp, blur: the identity
         self.sizes = [len(t) for t in start]
         self.register_buffer("start", torch.cat(start))
-        # The blur (last, when the input adapts) is projected back into [0, 0.25] after each step.
         lower, upper = torch.full_like(self.start, -math.inf), torch.full_like(self.start, math.inf)
         if config.adapt_input:
-            lower[-1], upper[-1] = 0.0, 0.25
+            lower[6], upper[6] = 0.0, 0.25  # the blur, projected back into its range after each step
         self.register_buffer("lower", lower)
         self.register_buffer("upper", upper)
 
@@ -121,9 +120,7 @@ class Dent(nn.Module):
         """The network's logits on batch x with per-sample parameters `params` (batch, P)."""
         pieces = iter(params.split(self.sizes, dim=1))
         if self.config.adapt_input:
-            *pieces, warp_params, blur_params = pieces
-            x = blur(warp(x, warp_params.view(-1, 2, 3)), blur_params.view(-1))
-            pieces = iter(pieces)
+            x = blur(warp(x, next(pieces).view(-1, 2, 3)), next(pieces).view(-1))
         for layer in self.model:
             x = layer(x, next(pieces), next(pieces)) if isinstance(layer, (StaticBatchNorm, ChannelAffine)) else layer(x)
         return x
@@ -311,5 +308,5 @@ def _flatten(module: nn.Module) -> list[nn.Module]:
 
 def collect_params(model: nn.Sequential) -> list[torch.Tensor]:
     """The trained values DENT adapts per sample: each adaptable layer's scale, then its shift,
-    in the order of the network (the order `Dent.predict` hands them back in)."""
+    in the order of the network (the order in which `Dent.predict` hands them back)."""
     return [t for m in model if isinstance(m, (StaticBatchNorm, ChannelAffine)) for t in (m.weight, m.bias)]

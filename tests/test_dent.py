@@ -170,6 +170,12 @@ def test_input_transform_is_an_affine_warp_and_a_three_tap_blur():
         torch.testing.assert_close(blur(x, a)[i : i + 1], reference, atol=1e-6, rtol=0)
 
 
+def test_blur_stays_in_its_range(nets, digits):
+    """Entropy minimisation would sharpen most digits (a negative blur); the projection stops it at 0."""
+    a = Dent(nets["wk-small"], DEFENSES["dent-input"]).adapt(digits[0][:128])[:, 6]
+    assert a.min() == 0 and 0 < a.max() <= 0.25
+
+
 def test_wrapped_network_is_untouched_and_modes_ignored(nets, digits):
     net = nets["wk-small-bn"]
     before = {k: v.clone() for k, v in net.state_dict().items()}
