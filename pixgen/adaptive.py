@@ -32,7 +32,8 @@ from .dent import Dent
 
 
 def transfer(dent: Dent, x, y, eps: float, seed: int, steps: int = 20, alpha: float | None = None) -> torch.Tensor:
-    """PGD on the static network, kept per digit where DENT errs most on the batch it makes."""
+    """PGD on the static network; per digit, that point or the clean digit, whichever DENT's
+    margin is lower on (each judged in its own batch)."""
     generator = torch.Generator().manual_seed(seed)
     adv = pgd(dent.model, x, y, eps, steps, alpha, generator, cross_entropy)
     best = Best(x, dent_margin(dent, x, y))
