@@ -26,7 +26,7 @@ import torch
 from pixgen import adaptive, evaluate, models
 from pixgen.dent import DEFENSES, Dent
 
-REPEATS = 5
+REPEATS = 9
 
 
 def static_passes(model, x, passes: int) -> None:
