@@ -2,28 +2,36 @@
 
 Before predicting a batch, DENT adapts per-sample copies of a few parameters for `steps` steps
 to lower the entropy of its own predictions, then predicts with them. It is episodic: every batch
-starts again from the trained values, so a prediction depends only on its batch.
+starts again from the trained values, so a prediction depends on its batch and on nothing else.
+The batch size is therefore part of the defence (`DentConfig.batch_size`, the reference's 128);
+evaluators predict a set with `predict_in_batches`.
 
-What adapts, per sample (all held as batched tensors, first axis the sample):
-- model: the scale and shift of every BatchNorm layer, which normalises with its stored
-  statistics. A network without BatchNorm gets a channel-wise scale and shift after each Conv2d,
-  initialised to the identity, so the wrapped network starts out computing exactly what it did.
-  This generalises DENT to BN-free networks (e.g. the dual network, whose certificate needs
-  fixed layers);
-- input: g(x; Σ) = blur(warp(x)): a small affine warp (2×3 matrix, identity at the start) and a
-  3-tap blur [a, 1 − 2a, a] along rows and columns, a ∈ [0, 0.25] (variance 2a px² per axis;
-  a = 0, the start, is no blur). Blur strength is parameterised by variance, not width, because a
-  Gaussian's effect grows with σ², so the gradient in σ vanishes at σ = 0 and it would never move.
+Two defences (`DEFENSES`):
+- `dent`, the paper's: only the model adapts;
+- `dent-input`, the study's f(g(x + δ; Σ); θ + Δ): the input adapts too, through
+  g(x; Σ) = blur(warp(x)), a small affine warp (2×3 matrix, identity at the start) and a 3-tap
+  blur [a, 1 − 2a, a] along rows and columns, a ∈ [0, 0.25] (a = 0, the start, is no blur). Blur
+  strength is its variance 2a px², not a width: a Gaussian's effect grows with σ², so a gradient
+  in σ vanishes at σ = 0 and would never move it.
 
-The optimiser steps are written out as functions of tensors (`adamod_step`, `adam_step`, equal to
-the `adamod` package's AdaMod and torch's Adam, see the tests) so that the same code serves both
-attack modes:
+What adapts in the model (`Dent.variant`):
+- "bn": the scale and shift of every BatchNorm layer, which normalises with its stored statistics,
+  exactly as published;
+- "channel-affine (BN-free generalisation)": a network without BatchNorm (wk-small, madry-cnn, the
+  dual networks, whose certificate needs fixed layers) gets a channel-wise scale and shift after
+  each Conv2d, initialised to the identity, so the wrapped network starts out computing what it did.
+
+All per-sample parameters of a batch live in one (batch, P) tensor, and the optimiser is written as
+a function of tensors (`adamod_step`, `adam_step`, equal to the `adamod` package's AdaMod and
+torch's Adam, see the tests), so that one code path serves both attack modes:
 - `differentiable=False` (DENT paper's evaluation, "standard" attack): adaptation runs on a
   detached copy of the input; gradients of the output reach the input only through the final
   prediction with the adapted parameters held fixed;
-- `differentiable=True` ("adaptive" attack, Croce et al. 2022): the unrolled adaptation steps stay
-  in the graph (create_graph), so an attack differentiates through the adaptation too.
-The outputs are the same in both modes; only their gradients differ. No randomness is involved.
+- `differentiable=True` ("adaptive" attacks, Croce et al. 2022): the unrolled adaptation stays in
+  the graph, so an attack differentiates through it. Each digit's adapted parameters depend in
+  the graph on its own input only (see `shot`), so an attack on a batch is an attack on each
+  digit, not on its neighbours' losses.
+The outputs are the same in both modes, bit for bit; only their gradients differ.
 """
 
 from __future__ import annotations
@@ -35,18 +43,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from . import PixgenError
 
 LOSSES = ("entropy", "shot")
 OPTIMIZERS = ("adamod", "adam")
+VARIANTS = ("bn", "channel-affine (BN-free generalisation)")
 
 
 @dataclass(frozen=True)
 class DentConfig:
-    """Defaults: the DENT reference (6 AdaMod steps, lr 6e-3, β 0.99, β3 0.6, entropy + diversity).
-    The reference passes its single β as AdaMod's β1 and keeps β2 at 0.999."""
+    """Defaults: the DENT reference (6 AdaMod steps, lr 6e-3, β 0.99, β3 0.6, entropy + diversity,
+    batches of 128, the model adapting and not the input). The reference passes its single β as
+    AdaMod's β1 and keeps β2 at 0.999."""
 
     steps: int = 6
     lr: float = 6e-3
@@ -54,8 +63,8 @@ class DentConfig:
     betas: tuple[float, float] = (0.99, 0.999)
     beta3: float = 0.6  # AdaMod's smoothing of the per-parameter step sizes
     loss: str = "shot"  # "entropy", or "shot": entropy + diversity
-    adapt_model: bool = True
-    adapt_input: bool = True
+    adapt_input: bool = False
+    batch_size: int = 128
 
     def __post_init__(self):
         if self.steps < 1:
@@ -66,8 +75,11 @@ class DentConfig:
             raise PixgenError(f"unknown DENT optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.loss not in LOSSES:
             raise PixgenError(f"unknown DENT loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
-        if not (self.adapt_model or self.adapt_input):
-            raise PixgenError("DENT must adapt the model, the input, or both")
+        if self.batch_size < 1:
+            raise PixgenError(f"DENT's batch size must be at least 1, got {self.batch_size}")
+
+
+DEFENSES = {"dent": DentConfig(adapt_input=False), "dent-input": DentConfig(adapt_input=True)}
 
 
 class Dent(nn.Module):
@@ -78,34 +90,40 @@ class Dent(nn.Module):
         self.model = configure_model(model)
         self.config = config
         self.differentiable = differentiable
+        self.variant = VARIANTS[0] if any(isinstance(m, StaticBatchNorm) for m in self.model) else VARIANTS[1]
+        start = collect_params(self.model)
+        if config.adapt_input:
+            start = [torch.eye(2, 3).flatten(), torch.zeros(1)] + start  # warp, blur: the identity
+        self.sizes = [len(t) for t in start]
+        self.register_buffer("start", torch.cat(start))
+        lower, upper = torch.full_like(self.start, -math.inf), torch.full_like(self.start, math.inf)
+        if config.adapt_input:
+            lower[6], upper[6] = 0.0, 0.25  # the blur, projected back into its range after each step
+        self.register_buffer("lower", lower)
+        self.register_buffer("upper", upper)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        source = x if self.differentiable else x.detach()
+        return self.predict(x, self.adapt(x, self.differentiable))
+
+    def adapt(self, x: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
+        """The (batch, P) per-sample parameters after `steps` steps of adaptation to batch x;
+        differentiable: as functions of x (the unrolled steps kept in the graph), else detached."""
+        source = x if differentiable else x.detach()
         with torch.enable_grad():  # adapt even when called under no_grad, as in evaluation
-            params = self.initial_params(len(x), x)
+            params = self.start.expand(len(x), -1).clone().requires_grad_()
             state = None
             for step in range(1, self.config.steps + 1):
-                params, state = forward_and_adapt(self, source, params, state, step)
-        if not self.differentiable:
-            params = {name: p.detach() for name, p in params.items()}
-        return self.predict(x, params)
+                params, state = forward_and_adapt(self, source, params, state, step, differentiable)
+        return params if differentiable else params.detach()
 
-    def initial_params(self, batch: int, like: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-sample copies of the trained values (leaves that require grad)."""
-        params = {}
-        if self.config.adapt_model:
-            for name, p in collect_params(self.model).items():
-                params[f"model.{name}"] = p.detach().expand(batch, *p.shape).clone()
+    def predict(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """The network's logits on batch x with per-sample parameters `params` (batch, P)."""
+        pieces = iter(params.split(self.sizes, dim=1))
         if self.config.adapt_input:
-            params["input.warp"] = torch.eye(2, 3, dtype=like.dtype, device=like.device).expand(batch, 2, 3).clone()
-            params["input.blur"] = torch.zeros(batch, dtype=like.dtype, device=like.device)
-        return {name: p.requires_grad_() for name, p in params.items()}
-
-    def predict(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.config.adapt_input:
-            x = blur(warp(x, params["input.warp"]), params["input.blur"])
-        model_params = {name[len("model.") :]: p for name, p in params.items() if name.startswith("model.")}
-        return functional_call(self.model, model_params, (x,), strict=False)
+            x = blur(warp(x, next(pieces).view(-1, 2, 3)), next(pieces).view(-1))
+        for layer in self.model:
+            x = layer(x, next(pieces), next(pieces)) if isinstance(layer, (StaticBatchNorm, ChannelAffine)) else layer(x)
+        return x
 
     def train(self, mode: bool = True):
         """Only the flag changes: DENT's network always normalises with stored statistics
@@ -114,26 +132,26 @@ class Dent(nn.Module):
         return self
 
 
-def forward_and_adapt(dent: Dent, x: torch.Tensor, params: dict, state, step: int) -> tuple[dict, object]:
+def forward_and_adapt(dent: Dent, x: torch.Tensor, params: torch.Tensor, state, step: int, differentiable: bool) -> tuple[torch.Tensor, tuple]:
     """One adaptation step: predict, measure the loss, step every per-sample parameter."""
-    loss = LOSS_FUNCTIONS[dent.config.loss](dent.predict(x, params))
-    names = list(params)
-    grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=dent.differentiable)
-    values = [params[n] for n in names]
     config = dent.config
-    with torch.set_grad_enabled(dent.differentiable):
+    loss = LOSS_FUNCTIONS[config.loss](dent.predict(x, params))
+    (grad,) = torch.autograd.grad(loss, params, create_graph=differentiable)
+    with torch.set_grad_enabled(differentiable):
         if config.optimizer == "adamod":
-            values, state = adamod_step(values, grads, state, step, config.lr, config.betas, config.beta3)
+            params, state = adamod_step(params, grad, state, step, config.lr, config.betas, config.beta3)
         else:
-            values, state = adam_step(values, grads, state, step, config.lr, config.betas)
-        values = [clamp_param(n, v) for n, v in zip(names, values)]
-    if not dent.differentiable:
-        values = [v.requires_grad_() for v in values]
-    return dict(zip(names, values)), state
+            params, state = adam_step(params, grad, state, step, config.lr, config.betas)
+        if config.adapt_input:
+            params = params.clamp(dent.lower, dent.upper)
+    return (params if differentiable else params.requires_grad_()), state
 
 
-def clamp_param(name: str, value: torch.Tensor) -> torch.Tensor:
-    return value.clamp(0.0, 0.25) if name == "input.blur" else value
+def predict_in_batches(dent: Dent, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    """DENT's logits for a set of inputs, adapting to consecutive batches of `batch_size` (by
+    default the config's) in the order given."""
+    size = batch_size or dent.config.batch_size
+    return torch.cat([dent(x[i : i + size]) for i in range(0, len(x), size)])
 
 
 # ---------------------------------------------------------------- losses
@@ -145,11 +163,20 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def shot(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy plus diversity (SHOT): the negative entropy of the batch's mean prediction rewards
-    spreading predictions over the classes, so adaptation cannot collapse onto one class."""
+    """Entropy plus diversity (SHOT), as DENT's reference: the negative entropy of the batch's mean
+    prediction p̄ rewards spreading predictions over the classes, so adaptation cannot collapse
+    onto one class.
+
+    p̄ couples the digits of a batch. Each digit i sees it as p̄ (a constant) + (p_i − p_i)/B, whose
+    value is p̄ exactly and whose derivative in p_i is p̄'s (1/B). So the gradient in every digit's
+    parameters is SHOT's, and DENT adapts exactly as published; but a second-order path (the one an
+    attack through the adaptation follows) leads from digit i's parameters to its own input only,
+    not to the others'. Detaching p̄ outright would have dropped the diversity term's gradient.
+    The value returned is the entropy plus B times the diversity term: only gradients are used."""
     probs = logits.softmax(1)
-    mean = probs.mean(0)
-    return -(probs * torch.log(probs + 1e-5)).sum(1).mean() + (mean * torch.log(mean + 1e-5)).sum()
+    own_entropy = -(probs * torch.log(probs + 1e-5)).sum(1).mean()
+    mean = probs.mean(0).detach() + (probs - probs.detach()) / len(probs)
+    return own_entropy + (mean * torch.log(mean + 1e-5)).sum()
 
 
 LOSS_FUNCTIONS = {"entropy": entropy, "shot": shot}
@@ -164,31 +191,27 @@ def _sqrt(v: torch.Tensor) -> torch.Tensor:
     return v.clamp_min(1e-30).sqrt()
 
 
-def adam_step(params, grads, state, step: int, lr: float, betas, eps: float = 1e-8):
-    """torch.optim.Adam's update, as a function: returns (new params, new state)."""
+def adam_step(param: torch.Tensor, grad: torch.Tensor, state, step: int, lr: float, betas, eps: float = 1e-8):
+    """torch.optim.Adam's update, as a function: returns (new param, new state)."""
     beta1, beta2 = betas
-    m, v = state if state is not None else ([torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params])
-    m = [beta1 * mi + (1 - beta1) * g for mi, g in zip(m, grads)]
-    v = [beta2 * vi + (1 - beta2) * g * g for vi, g in zip(v, grads)]
+    m, v = state if state is not None else (torch.zeros_like(param), torch.zeros_like(param))
+    m = torch.lerp(grad, m, beta1)
+    v = torch.lerp(grad * grad, v, beta2)
     bc1, bc2 = 1 - beta1**step, 1 - beta2**step
-    new = [p - lr / bc1 * mi / (_sqrt(vi) / math.sqrt(bc2) + eps) for p, mi, vi in zip(params, m, v)]
-    return new, (m, v)
+    return param - lr / bc1 * m / (_sqrt(v) / math.sqrt(bc2) + eps), (m, v)
 
 
-def adamod_step(params, grads, state, step: int, lr: float, betas, beta3: float, eps: float = 1e-8):
+def adamod_step(param: torch.Tensor, grad: torch.Tensor, state, step: int, lr: float, betas, beta3: float, eps: float = 1e-8):
     """The `adamod` package's AdaMod update, as a function: Adam whose per-parameter step sizes
     are capped by their own exponential average (smoothing β3)."""
     beta1, beta2 = betas
-    if state is None:
-        state = tuple([torch.zeros_like(p) for p in params] for _ in range(3))
-    m, v, s = state
-    m = [beta1 * mi + (1 - beta1) * g for mi, g in zip(m, grads)]
-    v = [beta2 * vi + (1 - beta2) * g * g for vi, g in zip(v, grads)]
+    m, v, s = state if state is not None else (torch.zeros_like(param),) * 3
+    m = torch.lerp(grad, m, beta1)
+    v = torch.lerp(grad * grad, v, beta2)
     bc1, bc2 = 1 - beta1**step, 1 - beta2**step
-    rates = [lr * math.sqrt(bc2) / bc1 / (_sqrt(vi) + eps) for vi in v]
-    s = [beta3 * si + (1 - beta3) * r for si, r in zip(s, rates)]
-    new = [p - torch.minimum(r, si) * mi for p, r, si, mi in zip(params, rates, s, m)]
-    return new, (m, v, s)
+    rate = (lr * math.sqrt(bc2) / bc1) / (_sqrt(v) + eps)
+    s = torch.lerp(rate, s, beta3)
+    return param - torch.minimum(rate, s) * m, (m, v, s)
 
 
 # ---------------------------------------------------------------- input transform g(x; Σ)
@@ -196,53 +219,60 @@ def adamod_step(params, grads, state, step: int, lr: float, betas, beta3: float,
 
 def warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """Per-sample affine warp (theta (B, 2, 3) in normalised coordinates), bilinear, zero fill."""
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    # F.affine_grid's grid, built by broadcasting: its batched 3×2 matrix products cost more.
+    height, width = x.shape[-2:]
+    xs = torch.linspace(-1 + 1 / width, 1 - 1 / width, width, dtype=x.dtype, device=x.device).view(1, 1, width, 1)
+    ys = torch.linspace(-1 + 1 / height, 1 - 1 / height, height, dtype=x.dtype, device=x.device).view(1, height, 1, 1)
+    theta = theta.transpose(1, 2).reshape(-1, 1, 3, 2)
+    grid = xs * theta[:, :, 0:1] + ys * theta[:, :, 1:2] + theta[:, :, 2:3]
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def blur(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """Per-sample separable blur with taps [a, 1 − 2a, a] along both axes (edges replicated)."""
-    a = a.reshape(-1, *([1] * (x.dim() - 1)))
-    for axis in (-1, -2):
-        padded = F.pad(x, (1, 1, 0, 0) if axis == -1 else (0, 0, 1, 1), mode="replicate")
-        size = x.shape[axis]
-        before, after = padded.narrow(axis, 0, size), padded.narrow(axis, 2, size)
-        x = (1 - 2 * a) * x + a * (before + after)
-    return x
+    """Per-sample separable blur with taps [a, 1 − 2a, a] along both axes (edges replicated):
+    x + a·(second difference), along rows, then columns."""
+    a = a.view(-1, *([1] * (x.dim() - 1)))
+    padded = F.pad(x, (1, 1, 0, 0), mode="replicate")
+    x = x + a * (padded[..., :-2] + padded[..., 2:] - 2 * x)
+    padded = F.pad(x, (0, 0, 1, 1), mode="replicate")
+    return x + a * (padded[..., :-2, :] + padded[..., 2:, :] - 2 * x)
 
 
 # ---------------------------------------------------------------- the network's adaptable layers
 
 
 class StaticBatchNorm(nn.Module):
-    """BatchNorm with its stored statistics and a scale and shift that may be per-sample
-    ((C,) as trained, or (B, C) while DENT adapts them)."""
+    """BatchNorm with its stored statistics and a scale and shift that may be given per sample
+    ((B, C) while DENT adapts them; the trained (C,) values otherwise)."""
 
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
         super().__init__()
-        self.weight = nn.Parameter(bn.weight.detach().clone())
-        self.bias = nn.Parameter(bn.bias.detach().clone())
-        self.register_buffer("running_mean", bn.running_mean.detach().clone())
-        self.register_buffer("running_var", bn.running_var.detach().clone())
-        self.eps = bn.eps
+        self.register_buffer("weight", bn.weight.detach().clone())
+        self.register_buffer("bias", bn.bias.detach().clone())
+        self.register_buffer("mean", bn.running_mean.detach().clone())
+        self.register_buffer("inv_std", (bn.running_var.detach() + bn.eps).rsqrt())
 
-    def forward(self, x):
-        # Folded into one scale and shift per (sample, channel): two passes over the feature map.
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
-        return torch.addcmul(_per_channel(shift, x), x, _per_channel(scale, x))
+    def forward(self, x, weight=None, bias=None):
+        # Folded into one scale and shift per (sample, channel).
+        weight = self.weight if weight is None else weight
+        bias = self.bias if bias is None else bias
+        scale = weight * self.inv_std
+        shift = bias - self.mean * scale
+        return x * _per_channel(scale, x) + _per_channel(shift, x)
 
 
 class ChannelAffine(nn.Module):
-    """A channel-wise scale and shift, the identity until DENT adapts it."""
+    """A channel-wise scale and shift, the identity unless DENT gives per-sample values."""
 
     def __init__(self, channels: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("weight", torch.ones(channels))
+        self.register_buffer("bias", torch.zeros(channels))
 
-    def forward(self, x):
-        return torch.addcmul(_per_channel(self.bias, x), x, _per_channel(self.weight, x))
+    def forward(self, x, weight=None, bias=None):
+        weight = self.weight if weight is None else weight
+        bias = self.bias if bias is None else bias
+        return x * _per_channel(weight, x) + _per_channel(bias, x)
 
 
 def _per_channel(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -251,30 +281,32 @@ def _per_channel(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return values.reshape(*lead, x.shape[1], *([1] * (x.dim() - 2)))
 
 
-def configure_model(model: nn.Module) -> nn.Module:
-    """A copy of `model` in eval mode, frozen, whose adaptable layers are DENT's: BatchNorm layers
-    become StaticBatchNorm; in a network without BatchNorm, each Conv2d gains a ChannelAffine."""
-    model = copy.deepcopy(model).eval()
-    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    _convert(model, has_bn)
-    return model.requires_grad_(False)
-
-
-def _convert(module: nn.Module, has_bn: bool) -> None:
-    for name, child in module.named_children():
-        if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            setattr(module, name, StaticBatchNorm(child))
-        elif isinstance(child, nn.Conv2d) and not has_bn:
-            setattr(module, name, nn.Sequential(child, ChannelAffine(child.out_channels)))
+def configure_model(model: nn.Module) -> nn.Sequential:
+    """A frozen copy of `model` in eval mode, flattened to one nn.Sequential, whose adaptable
+    layers are DENT's: BatchNorm layers become StaticBatchNorm; in a network without BatchNorm,
+    each Conv2d is followed by a ChannelAffine. Called as a module it is the trained network."""
+    if not isinstance(model, nn.Sequential):
+        raise PixgenError(f"DENT wraps nn.Sequential networks (every pixgen architecture), got {type(model).__name__}")
+    layers = _flatten(copy.deepcopy(model))
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in layers)
+    configured = []
+    for layer in layers:
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            configured.append(StaticBatchNorm(layer))
         else:
-            _convert(child, has_bn)
+            configured.append(layer)
+            if isinstance(layer, nn.Conv2d) and not has_bn:
+                configured.append(ChannelAffine(layer.out_channels))
+    return nn.Sequential(*configured).eval().requires_grad_(False)
 
 
-def collect_params(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trained values DENT adapts: the scale and shift of its adaptable layers, by name."""
-    return {
-        f"{prefix}.{kind}": getattr(m, kind)
-        for prefix, m in model.named_modules()
-        if isinstance(m, (StaticBatchNorm, ChannelAffine))
-        for kind in ("weight", "bias")
-    }
+def _flatten(module: nn.Module) -> list[nn.Module]:
+    if isinstance(module, nn.Sequential):
+        return [layer for child in module for layer in _flatten(child)]
+    return [module]
+
+
+def collect_params(model: nn.Sequential) -> list[torch.Tensor]:
+    """The trained values DENT adapts per sample: each adaptable layer's scale, then its shift,
+    in the order of the network (the order in which `Dent.predict` hands them back)."""
+    return [t for m in model if isinstance(m, (StaticBatchNorm, ChannelAffine)) for t in (m.weight, m.bias)]
