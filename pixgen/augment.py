@@ -167,7 +167,8 @@ def _compute(job: _Job, todo: list[int], workers: int, client) -> None:
 
 def _compute_local(tasks, workers: int, progress) -> None:
     """Dask's threaded scheduler: the kernel and Zarr's codecs release the GIL, and threads share
-    one copy of MNIST and the mixing set (measured faster than processes; see README)."""
+    one copy of MNIST and the mixing set (measured faster than processes; see docs/commands.md,
+    "pixgen augment")."""
     import dask
     from dask.callbacks import Callback
 

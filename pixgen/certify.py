@@ -33,7 +33,7 @@ from torch import nn
 from . import PixgenError, assets, data, models, progress, robust
 
 METHODS = ("dual", "dual-opt", "lp", "ibp")
-STEPS = 100  # dual-opt's default ascent steps: the remaining gap to the LP is measured in the README
+STEPS = 100  # dual-opt's default ascent steps: the remaining gap to the LP is measured in docs/commands.md ("pixgen certify")
 ASCENT_LR, ASCENT_DECAY = 0.5, 0.98  # Adam on α with exponential decay, α-CROWN's recipe
 # IBP training: the clean loss's weight κ falls from 1 to KAPPA over the ε ramp (Gowal et al.
 # 2018: 0.5; CROWN-IBP's 0 costs clean accuracy), and training ε overshoots the certified ε by
