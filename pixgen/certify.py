@@ -17,7 +17,7 @@ from torch import nn
 from . import PixgenError, assets, bounds, data, models
 
 METHODS = ("dual", "dual-opt", "lp", "ibp")
-STEPS = 100  # dual-opt's default ascent steps: the remaining gap to the LP is measured in docs/
+STEPS = 100  # dual-opt's default ascent steps: the remaining gap to the LP is measured in docs/commands.md ("pixgen certify")
 
 
 @dataclass(frozen=True)

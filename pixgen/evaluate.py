@@ -1,7 +1,7 @@
 """The evaluation suite: every safety axis of the PixMix paper for each model, with and without DENT.
 
 `run(config, model_dirs, out, defense, mnist_c, data_root)` writes one JSON per model,
-`<out>/<model folder name>.json` (schema in README.md, "pixgen evaluate"). The adversarial suites
+`<out>/<model folder name>.json` (schema in docs/commands.md, "pixgen evaluate"). The adversarial suites
 loop uniformly over (ε × batch × defence × threat): a threat is (what is attacked, what is then
 evaluated), all attacks built and called the torchattacks way (pixgen.attacks):
 
