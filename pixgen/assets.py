@@ -120,9 +120,11 @@ def open_asset(path: str | Path, stage: str | None = None) -> zarr.Group:
     if not attrs.get("complete"):
         raise PixgenError(f"{path} is incomplete; rerun the command that made it to finish it")
     try:
-        return zarr.open_group(str(path), mode="r")
-    except Exception as exc:
-        raise PixgenError(f"{path} is damaged: {type(exc).__name__}; rerun with --force or remove it") from None
+        group = zarr.open_group(str(path), mode="r")
+        list(group.array_keys())  # parses every array's metadata: damage shows here, not mid-work
+    except Exception as exc:  # zarr raises many types for damaged metadata
+        raise PixgenError(f"{path} is damaged: {type(exc).__name__}: {exc}; rebuild it with --force or remove it") from None
+    return group
 
 
 def read(group: zarr.Group, name: str, selection: Any = slice(None)) -> np.ndarray:
@@ -151,13 +153,18 @@ def describe(path: str | Path) -> str:
         f"config:   {canonical_json(attrs['config'])} (hash {attrs['config_hash']})",
         f"inputs:   {canonical_json(attrs['inputs'])}",
     ]
-    for name in sorted(k for k in group.array_keys() if k != DONE):
-        arr = group[name]
+    try:
+        arrays = {name: group[name] for name in sorted(group.array_keys()) if name != DONE}
+    except Exception as exc:  # zarr raises many types for damaged metadata
+        raise PixgenError(f"{path} is damaged: an array cannot be opened ({type(exc).__name__}: {exc}); rebuild it with --force or remove it") from None
+    for name, arr in arrays.items():
         dims = ", ".join(arr.metadata.dimension_names or ())
         lines.append(f"array:    {name} {tuple(arr.shape)} {arr.dtype} chunks {tuple(arr.chunks)} ({dims})")
     extra = {k: v for k, v in attrs.items() if k not in {"pixgen_version", "stage", "config", "config_hash", "inputs", "units", "complete"}}
     for key, value in sorted(extra.items()):
-        lines.append(f"{key}: {canonical_json(value)}")
+        text = canonical_json(value)
+        # Results (an evaluation's) run to megabytes: a summary line here, the whole in zarr/xarray.
+        lines.append(f"{key}: {text if len(text) <= 200 else text[:200] + f'… ({len(text):,} characters)'}")
     return "\n".join(lines)
 
 

@@ -87,6 +87,7 @@ def run(config: AugmentConfig, mixing_paths, out, workers: int = 1, scheduler: s
         raise PixgenError(f"--workers must be at least 1, got {workers}")
     size = data.spec(config.dataset).size
     inputs = {f"mixing{i}": check_mixing(path, size) for i, path in enumerate(mixing)}
+    _mixing_pictures(mixing)  # read (and cached) before the asset exists, so a damaged chunk stops nothing half-made
     # Connect before the slow part, so a wrong address fails in seconds.
     with _connect(scheduler) as client:
         root = str(data.data_root(data_root).resolve())
@@ -126,7 +127,7 @@ def _train_digits(root: str, dataset: str, train_size: int | None) -> tuple[np.n
 @functools.lru_cache(maxsize=2)
 def _mixing_pictures(paths: tuple[str, ...]) -> np.ndarray:
     """All mixing pictures, concatenated in the order given; loaded once per worker process."""
-    return np.concatenate([assets.open_asset(path)["images"][:] for path in paths])
+    return np.concatenate([assets.read(assets.open_asset(path), "images") for path in paths])
 
 
 @contextlib.contextmanager

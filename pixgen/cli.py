@@ -25,6 +25,10 @@ class _Group(click.Group):
             error = click.ClickException(exc.format_message())
             error.exit_code = exc.exit_code
             raise error from None
+        except OSError as exc:  # an output that cannot be written, a disk that is full
+            if exc.errno is None:
+                raise
+            raise click.ClickException(f"cannot use {exc.filename or 'a file'}: {exc.strerror}; check the path, its permissions and the free space") from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -56,8 +60,8 @@ def grid(path, out, array, count, ncol):
     group = assets.open_asset(path)
     if array not in group:
         raise PixgenError(f"{path} has no array {array!r}; it has {', '.join(sorted(group.array_keys()))}")
-    arr = group[array]
-    images = arr[0, :count] if arr.ndim == 4 else arr[:count]
+    ndim = group[array].ndim
+    images = assets.read(group, array, (0, slice(count)) if ndim == 4 else slice(count))
     click.echo(f"wrote {save_grid(images, out, ncol)}")
 
 

@@ -93,6 +93,8 @@ def save(folder: str | Path, model: nn.Module, meta: dict) -> None:
 
 def read_meta(folder: str | Path) -> dict:
     folder = Path(folder)
+    if folder.is_file():
+        raise PixgenError(f"model {folder} is a file, not a model folder; pass the folder pixgen train wrote")
     if not folder.is_dir():
         raise PixgenError(f"model {folder} does not exist; train it first (pixgen train) or check the path")
     try:

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import PixgenError, __version__, assets, data, models
+from . import PixgenError, __version__, assets, data
 from .config import config_hash, to_dict
-from .evaluate import training_eps as recorded_eps
 
 MARKER = "report.json"
 ATTACKS = {"fgsm": "FGSM", "pgd": "PGD-40"}
 ROBUST_METHODS = ("pgd", "dual", "ibp")
+LINES = ("--s", ":^", "-.v")  # one style per DENT defence, in the order an evaluation lists them
 EPS_TOL = 1e-9
 
 
@@ -37,15 +37,14 @@ class ReportConfig:
     """table_eps: the ε of the FGSM/PGD columns of the summary table (an ε an evaluation did not
     run is shown as missing, never interpolated); dent_standard: also draw DENT under the standard
     attack, beside its worst case; grid_count: mixing pictures shown per set; columns: digits per
-    row of the shard, MNIST-C and adversarial grids; adv_eps: the ε of the adversarial grid's
-    rows; seed: seed of PGD's random start in that grid."""
+    row of the shard, MNIST-C and mixing grids; adv_eps: the ε of the adversarial grids' rows
+    (each evaluation's stored adversarial digits)."""
 
     table_eps: tuple[float, ...] = (0.1, 0.2, 0.3)
     dent_standard: bool = True
     grid_count: int = 48
     columns: int = 12
     adv_eps: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3)
-    seed: int = 0
 
     def __post_init__(self):
         if any(not e >= 0 for e in (*self.table_eps, *self.adv_eps)):
@@ -66,14 +65,10 @@ class Evaluation:
 
 
 def _fail(path, why: str):
-    raise PixgenError(f"{path} is not a pixgen evaluate result ({why}); pass JSONs written by pixgen evaluate")
+    raise PixgenError(f"{path} is not a pixgen evaluation ({why}); pass assets written by pixgen evaluate")
 
 
 def _check(path: Path, doc) -> None:
-    if not isinstance(doc, dict):
-        _fail(path, f"a JSON {type(doc).__name__}, not an object")
-    if doc.get("stage") != "evaluate":
-        _fail(path, f"stage {doc.get('stage')!r}, not 'evaluate'")
     if not isinstance(doc.get("model"), dict) or not isinstance(doc["model"].get("path"), str):
         _fail(path, "no model.path")
     defenses = doc.get("defenses")
@@ -85,56 +80,33 @@ def _check(path: Path, doc) -> None:
             if entry is None:
                 continue
             eps = entry.get("eps") if isinstance(entry, dict) else None
-            curves = [v for k, v in entry.items() if k != "eps"] if isinstance(entry, dict) else []
-            if not isinstance(eps, list) or not curves or any(not isinstance(c, list) or len(c) != len(eps) for c in curves):
+            worst = entry.get("worst") if isinstance(entry, dict) else None
+            if not isinstance(eps, list) or not isinstance(worst, list) or len(worst) != len(eps):
                 _fail(path, f"defenses.{name}.{attack} has no accuracy per ε")
 
 
-def _json_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        files = sorted(path.glob("*.json"))
-        if not files:
-            raise PixgenError(f"{path} holds no .json files; pass pixgen evaluate results or a folder of them")
-        return files
-    if not path.exists():
-        raise PixgenError(f"evaluation {path} does not exist; check the path")
-    return [path]
-
-
 def load_evaluations(paths) -> list[Evaluation]:
-    """Every evaluation JSON named (folders: their *.json), in order, each once."""
+    """Every evaluation asset named, in order, each once."""
     if not paths:
-        raise PixgenError("no evaluation given: pass --eval PATH (a pixgen evaluate JSON or a folder of them)")
-    files = list(dict.fromkeys(f.resolve() for p in paths for f in _json_files(Path(p))))
+        raise PixgenError("no evaluation given: pass --eval PATH (an asset written by pixgen evaluate)")
     evals, seen = [], {}
-    for file in files:
-        try:
-            doc = json.loads(file.read_text())
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            _fail(file, f"unreadable JSON: {type(exc).__name__}")
-        _check(file, doc)
+    for path in dict.fromkeys(Path(p).resolve() for p in paths):
+        doc = dict(assets.open_asset(path, stage="evaluate").attrs)
+        _check(path, doc)
         label = f"{Path(doc['model']['path']).name} ({doc['model'].get('method')})"
         seen[label] = seen.get(label, 0) + 1
         # The same model evaluated twice (other configs, other test sets) stays two lines.
-        evals.append(Evaluation(file, label if seen[label] == 1 else f"{label} #{seen[label]}", doc))
+        evals.append(Evaluation(path, label if seen[label] == 1 else f"{label} #{seen[label]}", doc))
     return evals
-
-
-def training_eps(model_path: str) -> float | None:
-    """The ε a robust model was trained for, from its meta.json; None when it cannot be read."""
-    try:
-        return recorded_eps(json.loads((Path(model_path) / "meta.json").read_text()))
-    except (OSError, ValueError, TypeError, AttributeError, PixgenError):
-        return None
 
 
 def _rows(evals: list[Evaluation]) -> list[tuple[Evaluation, str]]:
     """(evaluation, defence) pairs, the rows of the table and the series of the bar charts."""
-    return [(ev, d) for ev in evals for d in ("none", "dent") if d in ev.doc["defenses"]]
+    return [(ev, d) for ev in evals for d in ev.doc["defenses"]]
 
 
 def _row_label(ev: Evaluation, defense: str) -> str:
-    return ev.label if defense == "none" else f"{ev.label} + DENT"
+    return ev.label if defense == "none" else f"{ev.label} + {defense.upper()}"
 
 
 # ---------------------------------------------------------------- the summary table
@@ -526,7 +498,7 @@ def accuracy_figure(evals: list[Evaluation], attack: str, config: ReportConfig, 
     (dash-dot its standard attack), a dotted vertical line at a robust model's training ε."""
     from matplotlib.lines import Line2D
 
-    if not any(attack in ev.doc["defenses"].get(d, {}) for ev in evals for d in ("none", "dent")):
+    if not any(attack in results for ev in evals for results in ev.doc["defenses"].values()):
         return None
     colors = _colors(evals)
     fig = _new_figure(11, 5.5)
@@ -535,18 +507,23 @@ def accuracy_figure(evals: list[Evaluation], attack: str, config: ReportConfig, 
     trained = {}  # training ε → colours of the robust models trained at it
     for ev in evals:
         color = colors[ev.label]
-        none = ev.doc["defenses"].get("none", {}).get(attack)
-        dent = ev.doc["defenses"].get("dent", {}).get(attack)
-        if none:
-            ax.plot(none["eps"], 100 * np.asarray(none["worst"]), "-o", color=color, ms=4, lw=1.8)
-            styles["none"] = Line2D([], [], color="k", ls="-", marker="o", ms=4, label="no defence")
-        if dent:
-            ax.plot(dent["eps"], 100 * np.asarray(dent["worst"]), "--s", color=color, ms=4, lw=1.8)
-            styles["dent"] = Line2D([], [], color="k", ls="--", marker="s", ms=4, label="DENT, worst of standard/transfer/adaptive")
-            if config.dent_standard and "standard" in dent:
-                ax.plot(dent["eps"], 100 * np.asarray(dent["standard"]), "-.", color=color, lw=1.2, alpha=0.7)
-                styles["dent-standard"] = Line2D([], [], color="k", ls="-.", lw=1.2, alpha=0.7, label="DENT, standard attack only")
-        eps = training_eps(ev.doc["model"]["path"]) if ev.doc["model"].get("method") in ROBUST_METHODS else None
+        defended = [d for d in ev.doc["defenses"] if d != "none"]
+        for defence, results in ev.doc["defenses"].items():
+            entry = results.get(attack)
+            if not entry:
+                continue
+            eps, worst = np.asarray(entry["eps"]), 100 * np.asarray(entry["worst"])
+            style = "-o" if defence == "none" else LINES[defended.index(defence) % len(LINES)]
+            ax.plot(eps, worst, style, color=color, ms=4, lw=1.8)
+            if "worst_interval" in entry:
+                band = 100 * np.asarray(entry["worst_interval"])
+                ax.fill_between(eps, band[:, 0], band[:, 1], color=color, alpha=0.12, lw=0)
+            label = "no defence" if defence == "none" else f"{defence.upper()}, worst of its {len([k for k in entry if k not in ('eps', 'count', 'worst') and not k.endswith('_interval')])} attacks"
+            styles.setdefault(defence, Line2D([], [], color="k", ls=style[:-1] if len(style) > 2 else style[0], marker=style[-1], ms=4, label=label))
+            if defence != "none" and config.dent_standard and "standard" in entry:
+                ax.plot(eps, 100 * np.asarray(entry["standard"]), "-.", color=color, lw=1.0, alpha=0.6)
+                styles["standard"] = Line2D([], [], color="k", ls="-.", lw=1.0, alpha=0.6, label="DENT, standard attack only")
+        eps = ev.doc["model"].get("eps") if ev.doc["model"].get("method") in ROBUST_METHODS else None
         if eps is not None:
             trained.setdefault(eps, []).append(color)
     for eps, shared in trained.items():
@@ -592,7 +569,7 @@ def corruption_figure(evals: list[Evaluation], folder: Path) -> Path | None:
     bars = []
     for ev, d, c in series:
         values = [c.get("identity_accuracy"), *(c["accuracy"].get(n) for n in names), c.get("mean"), c.get("mean_without_affine")]
-        bars.append((_row_label(ev, d), colors[ev.label], d == "dent", [None if v is None else 100 * v for v in values]))
+        bars.append((_row_label(ev, d), colors[ev.label], d != "none", [None if v is None else 100 * v for v in values]))
     fig = _new_figure(min(16, max(10, 0.12 * len(groups) * len(series) + 4)), 5.5)
     ax = fig.add_subplot()
     _bars(ax, groups, bars)
@@ -608,7 +585,7 @@ def corruption_figure(evals: list[Evaluation], folder: Path) -> Path | None:
 
 def _defense_lines(ev: Evaluation, key: str) -> list[tuple[str, str, dict]]:
     """(defence, line style, entry) for each defence of `ev` whose results hold `key`."""
-    return [(d, "--" if d == "dent" else "-", r[key]) for d, r in ev.doc["defenses"].items() if r.get(key)]
+    return [(d, "-" if d == "none" else "--", r[key]) for d, r in ev.doc["defenses"].items() if r.get(key)]
 
 
 def calibration_figure(evals: list[Evaluation], folder: Path) -> Path | None:
@@ -710,7 +687,7 @@ def mixing_grid(path, kind: str, config: ReportConfig, folder: Path) -> Path:
     group = assets.open_asset(path)
     if "images" not in group or group["images"].ndim != 3:
         raise PixgenError(f"{path} is not a mixing set (needs an images array (N, H, W)); pass a pixgen {kind} asset")
-    images = group["images"][: config.grid_count]
+    images = assets.read(group, "images", slice(config.grid_count))
     rows = [images[i : i + config.columns] for i in range(0, len(images), config.columns)]
     return grid_figure(rows, None, f"{kind} mixing pictures: the first {len(images)} of {group['images'].shape[0]:,}", config.columns, folder, f"{kind}_grid")
 
@@ -719,47 +696,45 @@ def shards_grid(path, config: ReportConfig, folder: Path, data_root) -> Path:
     group = assets.open_asset(path, stage="augment")
     images = group["images"]
     n = min(config.columns, images.shape[1])
-    clean = data.load("mnist", "train", data_root)[0][group["indices"][:n]]
+    clean = data.load(group.attrs["config"].get("dataset", "mnist"), "train", data_root)[0][group["indices"][:n]]
     epochs = min(images.shape[0], 4)
-    rows = [clean] + [images[e, :n] for e in range(epochs)]
-    labels = ["MNIST digit"] + [f"PixMix, epoch {e}" for e in range(epochs)]
+    rows = [clean] + [assets.read(group, "images", (e, slice(n))) for e in range(epochs)]
+    labels = ["original"] + [f"PixMix, epoch {e}" for e in range(epochs)]
     return grid_figure(rows, labels, f"PixMix shards: the first {n} training digits and their PixMix copies", config.columns, folder, "shards_grid")
 
 
 def mnist_c_grid(path, config: ReportConfig, folder: Path, data_root) -> Path:
     group = assets.open_asset(path, stage="corrupt")
     n = min(config.columns, group["labels"].shape[0])
-    clean = data.load("mnist", "test", data_root)[0][group["indices"][:n]]
+    clean = data.load(group.attrs["config"].get("dataset", "mnist"), "test", data_root)[0][group["indices"][:n]]
     names = list(group.attrs["corruptions"])
-    rows = [clean] + [group["images"][c, :n] for c in range(len(names))]
+    rows = [clean] + [assets.read(group, "images", (c, slice(n))) for c in range(len(names))]
     return grid_figure(rows, ["clean", *names], "MNIST-C: the same test digits under each corruption", config.columns, folder, "mnist_c_grid")
 
 
-def adversarial_grid(model_dir, config: ReportConfig, folder: Path, data_root) -> Path:
-    """FGSM and PGD-40 digits of one model at each of config.adv_eps, wrong predictions framed."""
-    import torch
-
-    from .evaluate import SUBSET_SEED, perturb, to_tensor
-
-    device = models.device()
-    net, meta = models.load(model_dir, map_location=device)
-    net.requires_grad_(False)
-    images, labels = data.load("mnist", "test", data_root)
-    index = data.balanced_subset(labels, min(config.columns, len(labels)), SUBSET_SEED)
-    x, y = to_tensor(images[index], device), torch.as_tensor(labels[index], device=device)
+def adversarial_grid(evaluation: Evaluation, shown_eps, folder: Path, name: str) -> Path | None:
+    """The adversarial digits an evaluation stored (static network, first attack digits), a row
+    per attack and ε of `shown_eps` that it ran, wrong predictions framed."""
+    group = assets.open_asset(evaluation.path, stage="evaluate")
+    labels = assets.read(group, "attack_labels")
     rows, row_labels, wrong, predicted = [], [], [], []
-    for attack, name in ATTACKS.items():
-        for eps in config.adv_eps:
-            adv = perturb(net, attack, eps, x, y, config.seed)
-            with torch.no_grad():
-                pred = net(adv).argmax(1)
-            bad = (pred != y).cpu().numpy()
-            rows.append((adv[:, 0].cpu().numpy() * 255).round().astype(np.uint8))
-            row_labels.append(f"{name} ε={eps:g}: {int((~bad).sum())}/{len(y)} correct")
+    for attack, title in ATTACKS.items():
+        if f"examples_{attack}" not in group:
+            continue
+        images, guesses = assets.read(group, f"examples_{attack}"), assets.read(group, f"examples_{attack}_predicted")
+        truth = labels[: images.shape[1]]
+        for eps, row, guess in zip(evaluation.doc["defenses"]["none"][attack]["eps"], images, guesses):
+            if not any(abs(eps - e) < EPS_TOL for e in shown_eps):
+                continue
+            bad = guess != truth
+            rows.append(row)
+            row_labels.append(f"{title} ε={eps:g}: {int((~bad).sum())}/{len(truth)} correct")
             wrong.append(bad.tolist())
-            predicted.append(pred.cpu().numpy().tolist())
-    title = f"Adversarial digits for {Path(model_dir).name} ({meta.get('method')}); red frame: misclassified, as the class in its corner"
-    return grid_figure(rows, row_labels, title, config.columns, folder, "adversarial_grid", wrong, predicted)
+            predicted.append(guess.tolist())
+    if not rows:
+        return None
+    heading = f"Adversarial digits for {evaluation.label}; red frame: misclassified, as the class in its corner"
+    return grid_figure(rows, row_labels, heading, len(rows[0]), folder, name, wrong, predicted)
 
 
 # ---------------------------------------------------------------- the page
@@ -866,7 +841,7 @@ def _asset_input(path) -> dict | None:
     return {"path": str(path), "id": assets.asset_id(dict(assets.open_asset(path).attrs))}
 
 
-def run(config: ReportConfig, evals, out, *, fractals=None, featvis=None, shards=None, mnist_c=None, model=None, certify=(), data_root=None) -> Path:
+def run(config: ReportConfig, evals, out, *, fractals=None, featvis=None, shards=None, mnist_c=None, certify=(), data_root=None) -> Path:
     """Write the report of the evaluation JSONs `evals` (files or folders) into `out`, with the
     certify assets `certify` (a table and the bounds figure); return index.html."""
     out = Path(out)
@@ -875,8 +850,6 @@ def run(config: ReportConfig, evals, out, *, fractals=None, featvis=None, shards
     _check_out(out)
     # Opening the assets checks them before any drawing starts.
     inputs = {"fractals": _asset_input(fractals), "featvis": _asset_input(featvis), "shards": _asset_input(shards), "mnist_c": _asset_input(mnist_c)}
-    if model is not None:
-        models.read_meta(model)
     with assets.lock(out):
         assets.recover(out)  # a report folder half-written by a killed run goes
         tmp = assets.staging(out)
@@ -902,8 +875,9 @@ def run(config: ReportConfig, evals, out, *, fractals=None, featvis=None, shards
             figures.append(("PixMix shards", shards_grid(shards, config, tmp, data_root), str(shards)))
         if mnist_c is not None:
             figures.append(("MNIST-C", mnist_c_grid(mnist_c, config, tmp, data_root), str(mnist_c)))
-        if model is not None:
-            figures.append(("Adversarial digits", adversarial_grid(model, config, tmp, data_root), f"{model}; PGD-40: step ε/4, random start (seed {config.seed})."))
+        for i, ev in enumerate(evaluations):
+            if "none" in ev.doc["defenses"] and (png := adversarial_grid(ev, config.adv_eps, tmp, f"adversarial_{i}")):
+                figures.append((f"Adversarial digits: {ev.label}", png, f"{ev.path}: the static network's adversarial digits as the evaluation stored them."))
         (tmp / "summary.md").write_text(markdown(evaluations, cols, certs, cert_notes))
         (tmp / "index.html").write_text(page(evaluations, cols, figures, certs, cert_notes))
         marker = {
@@ -915,7 +889,6 @@ def run(config: ReportConfig, evals, out, *, fractals=None, featvis=None, shards
                 "evals": [{"path": str(ev.path), "model": ev.doc["model"], "config_hash": ev.doc.get("config_hash")} for ev in evaluations],
                 **inputs,
                 "certify": [{"path": str(c.path), "id": c.asset_id, "network": c.network, "weights_hash": c.weights, "method": c.method, "eps": c.eps} for c in certs],
-                "model": None if model is None else {"path": str(model)},
             },
             "files": sorted(p.name for p in tmp.iterdir()) + [MARKER],
         }

@@ -22,8 +22,14 @@ from .certify import STEPS as DUAL_OPT_STEPS
 from .certify import CertifyConfig
 from .corruptions import CorruptConfig
 from .data import DATASETS
+from .dent import DEFENSES as DENT_DEFENSES
+from .dent import LOSSES as DENT_LOSSES
+from .dent import OPTIMIZERS as DENT_OPTIMIZERS
+from .dent import DentConfig
+from .evaluate import ATTACK_SIZE, SUITES, EvalConfig
 from .featvis import FeatvisConfig
 from .fractals import FractalConfig
+from .report import ReportConfig
 from .methods import KAPPA, METHODS, PGD_ATTACKS, TRAIN_EPS_FACTOR, TrainConfig, default_text
 
 
@@ -180,84 +186,95 @@ def featvis(model_dir, out, count, seed, size, steps, min_ratio, data_root, forc
     click.echo(f"output: {run(config, model_dir or home() / 'models' / 'featvis-wk-small', out or home() / 'mixing' / 'featvis.zarr', data_root, force)}")
 
 
-def _float_list(value: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+class EpsGrid(click.ParamType):
+    """ε budgets: "0.1,0.3", or START:STOP:STEP for START, START + STEP, … STOP; increasing, in [0, 1]."""
+
+    name = "grid"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        text = str(value)
+        try:
+            parts = tuple(float(v) for v in text.replace(":", ",").split(",") if v.strip())
+        except ValueError:
+            self.fail(f"expected comma-separated numbers or START:STOP:STEP, got {text!r}", param, ctx)
+        if ":" in text:
+            if len(parts) != 3 or not parts[2] > 0 or parts[1] < parts[0]:
+                self.fail(f"expected START:STOP:STEP with START <= STOP and STEP > 0, got {text!r}", param, ctx)
+            start, stop, step = parts
+            parts = tuple(round(start + step * i, 6) for i in range(int(round((stop - start) / step)) + 1))
+        if not parts:
+            self.fail(f"no ε given in {text!r}", param, ctx)
+        if any(not 0 <= e <= 1 for e in parts) or list(parts) != sorted(set(parts)):
+            self.fail(f"ε must be increasing budgets in [0, 1] (pixel units), got {text!r}", param, ctx)
+        return parts
 
 
-def _eps_grid(value: str) -> tuple[float, ...]:
-    """"0.1,0.3" → (0.1, 0.3); "START:STOP:STEP" → START, START + STEP, … STOP."""
-    if ":" not in value:
-        return _float_list(value)
-    parts = _float_list(value.replace(":", ","))
-    if len(parts) != 3:
-        raise click.BadParameter(f"expected START:STOP:STEP, got {value!r}")
-    start, stop, step = parts
-    if not step > 0:
-        raise click.BadParameter(f"ε grid step must be positive, got {value!r}")
-    return tuple(round(start + step * i, 6) for i in range(int(round((stop - start) / step)) + 1))
+def _grid_text(values: tuple[float, ...]) -> str:
+    return ",".join(f"{v:g}" for v in values)
 
 
-@stage("evaluate", output="folder")
-@click.option("--model", "model_dirs", multiple=True, required=True, type=click.Path(), help="Model folder (from pixgen train); repeat for several.")
-@click.option("--defense", type=click.Choice(["none", "dent", "both"]), default="none", help="Evaluate the static network, DENT around it, or both.")
-@click.option("--suite", default=None, help="Comma-separated suites: clean, fgsm, pgd, corruptions, calibration, ood, consistency, certify. Default: all (corruptions only with --mnist-c; certify acts on dual networks only).")
-@click.option("--mnist-c", type=click.Path(), default=None, help="MNIST-C asset (from pixgen corrupt) for the corruptions suite.")
-@click.option("--test-size", type=int, default=None, help="Evaluate a fixed class-balanced subset of this many test digits (also the size of each OOD set). Default: all 10,000.")
-@click.option("--fgsm-eps", default="0:0.5:0.02", help="FGSM budgets: comma-separated, or START:STOP:STEP.")
-@click.option("--pgd-eps", default="0:0.5:0.1", help="PGD-40 budgets (step ε/4, random start): comma-separated, or START:STOP:STEP.")
-@click.option("--autoattack", "autoattack_eps", type=float, default=None, help="Also run AutoAttack (APGD-CE, APGD-T, FAB-T with 100 steps; Square 5,000 queries) at this ε.")
-@click.option("--dent-steps", type=int, default=6, help="DENT adaptation steps per batch.")
-@click.option("--dent-lr", type=float, default=6e-3, help="DENT learning rate.")
-@click.option("--dent-optimizer", type=click.Choice(["adamod", "adam"]), default="adamod", help="DENT optimiser.")
-@click.option("--dent-loss", type=click.Choice(["shot", "entropy"]), default="shot", help="DENT loss: entropy + diversity (shot), or entropy alone.")
-@click.option("--batch-size", type=int, default=250, help="Evaluation batch size (DENT adapts to each batch).")
-@click.option("--certify-size", type=int, default=1000, help="Digits (the first of the test subset) given the exact certificate, dual networks only.")
-@click.option("--seed", type=int, default=0, help="Seed of the attacks' random starts and of the noise OOD sets.")
+@stage("evaluate", output="zarr")
+@click.option("--model", "model_dir", type=click.Path(), required=True, help="Trained model folder (pixgen train).")
+@click.option("--defense", "defenses", default=",".join(EvalConfig.defenses), help=f"Comma-separated defences evaluated around the network: none, {', '.join(DENT_DEFENSES)} (DENT adapting the model only, as published; or the model and the input).")
+@click.option("--suite", "suites", default=",".join(EvalConfig.suites), help=f"Comma-separated suites, from: {', '.join(SUITES)} (corruptions needs --corrupt; certify acts on dual networks only).")
+@click.option("--corrupt", type=click.Path(), default=None, help="Corrupted test set (pixgen corrupt, of the model's dataset) for the corruptions suite.")
+@click.option("--test-size", type=click.IntRange(1), default=EvalConfig.test_size, help="Digits of the suites without attacks: a fixed class-balanced subset of the test split. Default: all of it.")
+@click.option("--attack-size", type=click.IntRange(1), default=EvalConfig.attack_size, help=f"Digits attacked: a fixed class-balanced subset of the test digits. Default: {ATTACK_SIZE}, or all the test digits if fewer.")
+@click.option("--fgsm-eps", type=EpsGrid(), default=_grid_text(EvalConfig.fgsm_eps), help="FGSM budgets: comma-separated, or START:STOP:STEP.")
+@click.option("--pgd-eps", type=EpsGrid(), default=_grid_text(EvalConfig.pgd_eps), help="PGD budgets (40 steps of ε/4 from random starts, best iterate per digit): comma-separated, or START:STOP:STEP.")
+@click.option("--pgd-restarts", type=click.IntRange(1), default=EvalConfig.pgd_restarts, help="PGD random starts; later ones attack only the digits still correct.")
+@click.option("--autoattack-eps", type=EpsGrid(), default=None, help="AutoAttack budgets (official standard version: APGD-CE, APGD-T, FAB-T, Square), with the autoattack suite.")
+@click.option("--dent-steps", type=click.IntRange(1), default=DentConfig.steps, help="DENT adaptation steps per batch.")
+@click.option("--dent-lr", type=click.FloatRange(0, min_open=True), default=DentConfig.lr, help="DENT learning rate.")
+@click.option("--dent-optimizer", type=click.Choice(DENT_OPTIMIZERS), default=DentConfig.optimizer, help="DENT optimiser.")
+@click.option("--dent-loss", type=click.Choice(DENT_LOSSES), default=DentConfig.loss, help="DENT loss: entropy + diversity (shot), or entropy alone.")
+@click.option("--dent-batch-size", type=click.IntRange(1), default=DentConfig.batch_size, help="DENT's batch: it adapts to each batch, so its predictions depend on it.")
+@click.option("--adaptive-steps", type=click.IntRange(1), default=EvalConfig.adaptive_steps, help="Steps of each attack on DENT's internals (adaptive PGD, fixed point, EOT).")
+@click.option("--batch-size", type=click.IntRange(1), default=EvalConfig.batch_size, help="The static network's evaluation batch.")
+@click.option("--certify-size", type=click.IntRange(1), default=EvalConfig.certify_size, help="Attack digits (the first) given the exact dual certificate, dual networks only.")
+@click.option("--seed", type=int, default=EvalConfig.seed, help="Seed of the attacks' randomness and of the noise OOD sets.")
 @data_root_option
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="Folder for the results, one <model name>.json each. Default: <root>/eval/results.")
-def evaluate(model_dirs, defense, suite, mnist_c, test_size, fgsm_eps, pgd_eps, autoattack_eps, dent_steps, dent_lr, dent_optimizer, dent_loss, batch_size, certify_size, seed, data_root, out):
-    """Evaluate models: clean, FGSM/PGD/AutoAttack, MNIST-C, calibration, OOD detection, consistency, certificates; ± DENT."""
-    from .dent import DentConfig
-    from .evaluate import SUITES, EvalConfig, run
+@click.option("--out", type=click.Path(), default=None, help="Evaluation asset to write. Default: <root>/eval/<model folder name>.zarr.")
+@click.option("--force", is_flag=True, help="Replace an evaluation made with another config or inputs.")
+@click.pass_context
+def evaluate(ctx, model_dir, defenses, suites, corrupt, autoattack_eps, dent_steps, dent_lr, dent_optimizer, dent_loss, dent_batch_size, data_root, out, force, **options):
+    """Evaluate a network: clean, FGSM/PGD/AutoAttack, corruptions, calibration, OOD detection, consistency, certificate; ± DENT."""
+    from .evaluate import run
 
-    if suite is None:
-        suites = tuple(s for s in SUITES if s != "corruptions" or mnist_c)
-    else:
-        suites = tuple(s.strip() for s in suite.split(",") if s.strip())
-
-    dent = DentConfig(steps=dent_steps, lr=dent_lr, optimizer=dent_optimizer, loss=dent_loss)
+    if corrupt is None and ctx.get_parameter_source("suites") == click.core.ParameterSource.DEFAULT:
+        suites = ",".join(s for s in _names(suites) if s != "corruptions")  # the default takes what it is given
+    dent = DentConfig(steps=dent_steps, lr=dent_lr, optimizer=dent_optimizer, loss=dent_loss, batch_size=dent_batch_size)
     config = EvalConfig(
-        suites=suites, fgsm_eps=_eps_grid(fgsm_eps), pgd_eps=_eps_grid(pgd_eps), autoattack_eps=autoattack_eps, test_size=test_size,
-        batch_size=batch_size, seed=seed, dent=dent, certify_size=certify_size,
+        suites=_names(suites), defenses=_names(defenses), autoattack_eps=autoattack_eps or (), dent=dent, **options,
     )  # fmt: skip
-    for path in run(config, model_dirs, out or home() / "eval" / "results", defense, mnist_c, data_root):
-        click.echo(f"wrote {path}")
+    click.echo(f"output: {run(config, model_dir, out or home() / 'eval' / f'{Path(model_dir).name}.zarr', corrupt, data_root, force)}")
+
+
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
 @stage("report", output="folder")
-@click.option("--eval", "evals", multiple=True, type=click.Path(), help="Evaluation JSON (pixgen evaluate) or a folder of them; repeat for several.")
+@click.option("--eval", "evals", multiple=True, type=click.Path(), help="Evaluation asset (pixgen evaluate); repeat for several.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Report folder to write (replaces a previous report there, nothing else). Default: <root>/eval/report.")
 @click.option("--fractals", type=click.Path(), default=None, help="Fractal mixing set to show as a grid.")
 @click.option("--featvis", type=click.Path(), default=None, help="Feature-visualisation mixing set to show as a grid.")
-@click.option("--shards", type=click.Path(), default=None, help="PixMix shards (pixgen augment) to show beside their MNIST digits.")
-@click.option("--mnist-c", type=click.Path(), default=None, help="MNIST-C asset (pixgen corrupt) to show, a row per corruption.")
-@click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None, help="Model folder whose FGSM/PGD adversarial digits to show at each --adv-eps.")
+@click.option("--shards", type=click.Path(), default=None, help="PixMix shards (pixgen augment) to show beside their original images.")
+@click.option("--mnist-c", type=click.Path(), default=None, help="Corrupted test set (pixgen corrupt) to show, a row per corruption.")
 @click.option("--certify", "certify_assets", multiple=True, type=click.Path(), help="Certify asset (pixgen certify) for the certified-accuracy table and the LP-against-dual bounds figure; repeat for several.")
-@click.option("--table-eps", default="0.1,0.2,0.3", help="ε of the summary table's FGSM and PGD columns (comma-separated).")
-@click.option("--adv-eps", default="0,0.1,0.2,0.3", help="ε of the adversarial-digit rows for --model (comma-separated).")
-@click.option("--grid-count", type=click.IntRange(1), default=48, help="Mixing pictures shown per mixing set.")
-@click.option("--columns", type=click.IntRange(1), default=12, help="Images per row of the shard, MNIST-C, mixing and adversarial grids.")
-@click.option("--seed", type=int, default=0, help="Seed of PGD's random start in the adversarial grid.")
+@click.option("--table-eps", type=EpsGrid(), default=_grid_text(ReportConfig.table_eps), help="ε of the summary table's attack columns.")
+@click.option("--adv-eps", type=EpsGrid(), default=_grid_text(ReportConfig.adv_eps), help="ε of the rows of each evaluation's adversarial-digit grid (those it ran).")
+@click.option("--grid-count", type=click.IntRange(1), default=ReportConfig.grid_count, help="Mixing pictures shown per mixing set.")
+@click.option("--columns", type=click.IntRange(1), default=ReportConfig.columns, help="Images per row of the shard, MNIST-C and mixing grids.")
 @data_root_option
-def report(evals, out, fractals, featvis, shards, mnist_c, model_dir, certify_assets, table_eps, adv_eps, grid_count, columns, seed, data_root):
+def report(evals, out, fractals, featvis, shards, mnist_c, certify_assets, table_eps, adv_eps, grid_count, columns, data_root):
     """One self-contained HTML page (and summary.md) comparing evaluated models, with figures and image grids."""
-    from .report import ReportConfig, run
+    from .report import run
 
-    config = ReportConfig(table_eps=_float_list(table_eps), adv_eps=_float_list(adv_eps), grid_count=grid_count, columns=columns, seed=seed)
-    path = run(config, evals, out or home() / "eval" / "report", fractals=fractals, featvis=featvis, shards=shards, mnist_c=mnist_c, model=model_dir, certify=certify_assets, data_root=data_root)
+    config = ReportConfig(table_eps=table_eps, adv_eps=adv_eps, grid_count=grid_count, columns=columns)
+    path = run(config, evals, out or home() / "eval" / "report", fractals=fractals, featvis=featvis, shards=shards, mnist_c=mnist_c, certify=certify_assets, data_root=data_root)
     click.echo(f"output: {path}")
 
 

@@ -37,6 +37,7 @@ def test_missing_data_names_folder_and_files(monkeypatch, tmp_path):
         data.load("mnist", "train", root=tmp_path)
     msg = str(err.value)
     assert str(tmp_path / "MNIST" / "raw") in msg and "train-images-idx3-ubyte" in msg and "\n" not in msg
+    assert not any(tmp_path.iterdir())  # the empty folders torchvision made for the download are gone
 
 
 def test_balanced_subset_is_fixed_and_balanced(data_root):

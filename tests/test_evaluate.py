@@ -1,22 +1,25 @@
-"""The evaluation suite: attacks' sanity (FGSM at ε = 0, PGD ≥ FGSM), the certificate, the JSON
-of a tiny run with and without DENT, determinism, and bad inputs."""
+"""The evaluation stage: attacks' sanity (FGSM at ε = 0, PGD ≥ FGSM), the certificate, the asset of
+a tiny run with and without DENT (per-digit outcomes, results computed from them, intervals),
+resume and no-op, determinism, and bad inputs."""
 
 from __future__ import annotations
 
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
+import zarr
 from click.testing import CliRunner
 
 from conftest import pixgen
-from pixgen import PixgenError, attacks, corruptions, data, evaluate, models
+from pixgen import PixgenError, assets, attacks, bounds, corruptions, data, evaluate, models
 from pixgen.cli import cli
 from pixgen.dent import DentConfig
 from test_dent import trained
 
-SMALL = dict(test_size=50, batch_size=50, fgsm_eps=(0.0, 0.1), pgd_eps=(0.1,))
+SMALL = dict(test_size=60, attack_size=24, batch_size=50, fgsm_eps=(0.0, 0.1), pgd_eps=(0.1,), pgd_restarts=2, adaptive_steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -58,78 +61,118 @@ def test_pgd_at_least_as_strong_as_fgsm(folder, digits):
 def test_certificate_is_exact_at_zero_and_sound(folder, digits):
     net, _ = models.load(folder)
     x, y = digits[0][:10], digits[1][:10]
-    assert evaluate.certified_accuracy(net, x, y, 1e-6) == accuracy(net, x, y)
-    certified = evaluate.certified_accuracy(net, x, y, 0.01)
+    assert bounds.dual_certified(net, x, y, 1e-6).float().mean() == accuracy(net, x, y)
+    certified = bounds.dual_certified(net, x, y, 0.01).float().mean()
     attacked = accuracy(net, attacks.build("pgd", net, 0.01)(x, y), y)
     assert 0 <= certified <= attacked
 
 
-def test_json_of_a_tiny_run(folder, tmp_path):
-    mnist_c = corruptions.run(corruptions.CorruptConfig(count=10), tmp_path / "mnist_c.zarr")
-    dual = tmp_path / "dual-wk-small"  # the certify suite acts on dual networks: pose as one
+@pytest.fixture(scope="module")
+def tiny(folder, tmp_path_factory):
+    """A dual-posing network evaluated with every suite (AutoAttack aside), with and without DENT."""
+    tmp = tmp_path_factory.mktemp("tiny")
+    corrupt = corruptions.run(corruptions.CorruptConfig(count=10), tmp / "mnist_c.zarr")
+    dual = tmp / "dual-wk-small"  # the certify suite acts on dual networks: pose as one
     shutil.copytree(folder, dual)
     meta = json.loads((dual / models.META).read_text())
     (dual / models.META).write_text(json.dumps({**meta, "method": "dual", "eps": 0.01}))
-    # PGD on DENT costs 40 unrolled adaptations per batch; its code path is FGSM's, tested here
-    suites = tuple(s for s in evaluate.SUITES if s != "pgd")
-    config = evaluate.EvalConfig(suites=suites, certify_size=5, dent=DentConfig(steps=2), **SMALL)
-    (path,) = evaluate.run(config, [dual], tmp_path / "out", "both", mnist_c)
-    result = json.loads(path.read_text())
-    assert path.name == "dual-wk-small.json" and result["stage"] == "evaluate"
-    none, dent = result["defenses"]["none"], result["defenses"]["dent"]
-    assert none["fgsm"]["eps"] == [0.0, 0.1] and set(none["fgsm"]) == {"eps", "standard", "worst"}
-    assert set(dent["fgsm"]) == {"eps", "standard", "transfer", "adaptive", "worst"} and "pgd" not in dent
-    assert none["fgsm"]["standard"][0] == none["clean"]["accuracy"]
-    entry = dent["fgsm"]
-    for i in range(len(entry["eps"])):
-        assert entry["worst"][i] <= min(entry[t][i] for t in ("standard", "transfer", "adaptive"))
+    suites = tuple(s for s in evaluate.SUITES if s != "autoattack")
+    config = evaluate.EvalConfig(suites=suites, defenses=("none", "dent"), certify_size=5, dent=DentConfig(steps=2, batch_size=12), **SMALL)
+    return config, dual, corrupt, evaluate.run(config, dual, tmp / "eval.zarr", corrupt)
+
+
+def test_a_tiny_run_stores_per_digit_outcomes_and_results_computed_from_them(tiny):
+    config, _, _, path = tiny
+    group = assets.open_asset(path, stage="evaluate")
+    result = group.attrs["defenses"]
+    none, dent = result["none"], result["dent"]
+    assert none["fgsm"]["eps"] == [0.0, 0.1] and {"standard", "worst"} <= set(none["fgsm"])
+    assert {"standard", "transfer", "worst"} <= set(dent["fgsm"])
+    assert {"standard", "transfer", "adaptive", "fixed-point", "eot", "worst"} <= set(dent["pgd"])
+    assert group.attrs["model"]["dent_variants"] == {"dent": "channel-affine (BN-free generalisation)"}
+    # Per digit: the stored outcomes give the accuracies, and the worst case is their AND.
+    threats = {t: group[f"dent_pgd_{t}"][:] for t in ("standard", "transfer", "adaptive", "fixed-point", "eot")}
+    assert all(c.shape == (1, SMALL["attack_size"]) for c in threats.values())
+    assert dent["pgd"]["worst"] == np.logical_and.reduce(list(threats.values())).mean(1).tolist()
+    assert dent["pgd"]["worst"][0] <= min(dent["pgd"][t][0] for t in threats)
+    # At ε = 0 an attack is the identity: FGSM's first row is the clean accuracy of the attack digits.
+    attack_digits = group["attack_indices"][:]
+    probs = group["none_probs"][:]
+    by_index = dict(zip(group["indices"][:].tolist(), probs.argmax(1) == group["labels"][:]))
+    assert none["fgsm"]["standard"][0] == np.mean([by_index[i] for i in attack_digits])
+    lo, hi = none["fgsm"]["standard_interval"][1]
+    assert lo <= none["fgsm"]["standard"][1] <= hi and 0 < hi - lo < 0.5
     for defense in (none, dent):
         assert set(defense["ood"]) == {"fashion-mnist", "uniform", "gaussian"}
-        assert set(defense["ood"]["uniform"]) == {"auroc", "aupr", "fpr95", "roc"}
         roc = defense["ood"]["uniform"]["roc"]
         assert roc["fpr"][0] == roc["tpr"][0] == 0 and roc["fpr"][-1] == roc["tpr"][-1] == 1
-        assert set(defense["calibration"]) == {"rms", "ece", "bins"}
         assert sum(defense["calibration"]["bins"]["count"]) == SMALL["test_size"]
         assert 0 <= defense["consistency"]["consistency"] <= 1
-        assert set(defense["corruptions"]["accuracy"]) == set(corruptions.NAMES)
-        assert defense["corruptions"]["count"] == 10
-    assert none["certify"]["eps"] == 0.01 and none["certify"]["count"] == 5
-    assert "certify" not in dent
+        assert set(defense["corruptions"]["accuracy"]) == set(corruptions.NAMES) and defense["corruptions"]["count"] == 10
+    assert none["certify"]["eps"] == 0.01 and none["certify"]["count"] == 5 and "certify" not in dent
+    assert group.attrs["warnings"] == []
+    assert group["examples_pgd"].shape == (1, 12, 28, 28)
 
 
-def test_deterministic(folder, tmp_path):
-    config = evaluate.EvalConfig(suites=("fgsm", "pgd"), **SMALL)
-    first, second = (json.loads(evaluate.run(config, [folder], tmp_path / name)[0].read_text()) for name in ("a", "b"))
-    assert first["defenses"] == second["defenses"]
+def test_a_rerun_is_a_no_op_and_another_config_needs_force(tiny):
+    config, dual, corrupt, path = tiny
+    before = {p: p.stat().st_mtime_ns for p in path.rglob("*")}
+    evaluate.run(config, dual, path, corrupt)
+    assert {p: p.stat().st_mtime_ns for p in path.rglob("*")} == before
+    with pytest.raises(PixgenError, match="--force"):
+        evaluate.run(evaluate.EvalConfig(suites=("clean",), defenses=("none", "dent"), test_size=60), dual, path)
+
+
+def test_killed_after_some_tasks_resumes_to_the_same_outcomes(folder, tmp_path):
+    config = evaluate.EvalConfig(suites=("clean", "fgsm", "pgd"), **SMALL)
+    reference = evaluate.run(config, folder, tmp_path / "reference.zarr")
+    killed = pixgen("evaluate", "--model", folder, "--out", tmp_path / "e.zarr", "--suite", "clean,fgsm,pgd", "--test-size", "60", "--attack-size", "24",
+                    "--batch-size", "50", "--fgsm-eps", "0,0.1", "--pgd-eps", "0.1", "--pgd-restarts", "2", "--adaptive-steps", "2",
+                    env={"PIXGEN_FAULT": "unit1"}, check=False)  # fmt: skip
+    assert killed.returncode == -9
+    evaluate.run(config, folder, tmp_path / "e.zarr")
+    a, b = zarr.open_group(str(reference), mode="r"), zarr.open_group(str(tmp_path / "e.zarr"), mode="r")
+    assert sorted(a.array_keys()) == sorted(b.array_keys())
+    for name in a.array_keys():
+        assert np.array_equal(a[name][:], b[name][:]), name
+    assert a.attrs["defenses"] == b.attrs["defenses"]
 
 
 def test_bad_config_values():
     with pytest.raises(PixgenError, match="unknown suite"):
         evaluate.EvalConfig(suites=("clean", "fgsn"))
-    with pytest.raises(PixgenError, match="≥ 0"):
-        evaluate.EvalConfig(fgsm_eps=(0.1, -0.1))
-    with pytest.raises(PixgenError, match="MNIST-C"):
-        evaluate.run(evaluate.EvalConfig(suites=("corruptions",)), ["x"], "out")
+    with pytest.raises(PixgenError, match="increasing budgets in"):
+        evaluate.EvalConfig(fgsm_eps=(0.1, 0.05))
+    with pytest.raises(PixgenError, match="defences must be distinct names"):
+        evaluate.EvalConfig(defenses=("none", "tent"))
+    with pytest.raises(PixgenError, match="needs a corrupted test set"):
+        evaluate.run(evaluate.EvalConfig(suites=("corruptions",)), "x", "out")
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--suite", "clean,robustness"], "unknown suite robustness"),
-        (["--pgd-eps", "0.1,-0.2"], "must be ≥ 0"),
-        (["--defense", "dent", "--dent-steps", "0"], "at least 1 adaptation step"),
+        (["--pgd-eps", "0.1,-0.2"], "increasing budgets in [0, 1]"),
+        (["--fgsm-eps", "0.5:0:0.1"], "START <= STOP"),
+        (["--fgsm-eps", ","], "no ε given"),
+        (["--autoattack-eps", "2"], "increasing budgets in [0, 1]"),
+        (["--dent-steps", "0"], "0 is not in the range x>=1"),
+        (["--attack-size", "1000000"], "exceeds the 10000 test digits"),
     ],
 )
-def test_cli_bad_inputs(folder, args, message):
-    result = CliRunner().invoke(cli, ["evaluate", "--model", str(folder), *args])
-    assert result.exit_code != 0 and message in result.output
+def test_cli_bad_inputs(folder, args, message, tmp_path):
+    result = CliRunner().invoke(cli, ["evaluate", "--model", str(folder), "--out", str(tmp_path / "e.zarr"), *args])
+    assert result.exit_code != 0 and message in result.output, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
-    assert len(result.output.strip().splitlines()) == 1
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "e.zarr").exists()
 
 
 def test_cli_not_a_model(tmp_path):
     """Through a real process: the user sees one line on stderr, no traceback."""
     (tmp_path / "notes").mkdir()
-    proc = pixgen("evaluate", "--model", tmp_path / "notes", check=False)
-    assert proc.returncode != 0 and "not a pixgen model" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+    (tmp_path / "file").write_text("x")
+    for model, message in ((tmp_path / "notes", "not a pixgen model"), (tmp_path / "file", "is a file, not a model folder")):
+        proc = pixgen("evaluate", "--model", model, "--out", tmp_path / "e.zarr", check=False)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import REPO, pixgen
-from pixgen import PixgenError, pipeline
+from pixgen import PixgenError, assets, pipeline
 
 SMOKE = REPO / "pipelines" / "smoke.yaml"
 
@@ -39,10 +39,10 @@ def test_smoke_pipeline_runs_every_stage_in_order(smoke):
     assert set(state) == set(stages)
     assert stages.index("shards") > max(stages.index("fractals"), stages.index("featvis"))
     for name in ("standard", "pixmix", "primal", "dual"):
-        result = json.loads((root / f"eval-{name}" / f"{name}.json").read_text())
+        result = dict(assets.open_asset(root / f"eval-{name}.zarr", stage="evaluate").attrs)
         assert set(result["defenses"]) == {"none", "dent"}
         assert result["model"]["path"].endswith(name)
-    assert "certify" in json.loads((root / "eval-dual" / "dual.json").read_text())["defenses"]["none"]
+    assert "certify" in assets.open_asset(root / "eval-dual.zarr").attrs["defenses"]["none"]
     assert json.loads((root / "pixmix" / "meta.json").read_text())["shards"]
     summary = (root / "report" / "summary.md").read_text()
     assert all(f"| {name} (" in summary for name in ("standard", "pixmix", "primal", "dual", "ibp"))
@@ -74,7 +74,7 @@ def test_config_change_reruns_exactly_the_dependent_stages(smoke, tmp_path):
     assert ran(pixgen("run", path, "--root", root)) == ["shards", "pixmix", "eval-pixmix", "report"]
     after = mtimes(root)
     changed = {name.split("/")[0] for name in after if after[name] != before.get(name)}
-    assert changed == {"shards.zarr", "pixmix", "eval-pixmix", "report"}
+    assert changed == {"shards.zarr", "pixmix", "eval-pixmix.zarr", "report"}
     assert ran(pixgen("run", path, "--root", root)) == []
 
 
@@ -109,6 +109,8 @@ BAD = {
     "unknown option": ({"a": {"run": "fractals", "with": {"colour": "red"}}}, "has no option --colour"),
     "reserved option": ({"a": {"run": "fractals", "with": {"out": "x.zarr"}}}, "has no option --out"),
     "bad stage shape": ({"a": ["fractals"]}, "must be a mapping with keys run, with"),
+    "bad option value": ({"a": {"run": "fractals", "with": {"count": 0}}}, "stage 'a': Invalid value for '--count': 0 is not in the range x>=1"),
+    "list for one value": ({"a": {"run": "fractals", "with": {"count": [1, 2]}}}, "--count takes one value, got [1, 2]"),
 }
 
 
@@ -138,3 +140,32 @@ def test_shipped_pipelines_are_valid(name):
     stages = pipeline.load(REPO / "pipelines" / f"{name}.yaml")
     assert stages[-1].name == "report"
     assert len({s.key for s in stages}) == len(stages)
+
+
+def test_a_killed_run_takes_its_stage_with_it_and_a_rerun_finishes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    doc = {"stages": {"fractals": {"run": "fractals", "with": {"count": 400, "chunk": 8, "points": 200000, "workers": 1}}}}
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    root = tmp_path / "root"
+    run = subprocess.Popen([sys.executable, "-m", "pixgen", "run", str(path), "--root", str(root)], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    lock, deadline = root / ".fractals.zarr.lock", time.monotonic() + 120
+    while not (lock.exists() and lock.read_text().startswith("pid ") and any((root / "fractals.zarr" / "_done").rglob("c/*"))):
+        assert run.poll() is None and time.monotonic() < deadline, "the stage never got going"
+        time.sleep(0.05)
+    stage = int(lock.read_text().split()[1])
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    deadline = time.monotonic() + 30
+    stat = Path(f"/proc/{stage}/stat")
+    # The stage dies with its pipeline: gone, or a zombie that nobody has reaped yet.
+    while stat.exists() and stat.read_text().rsplit(")", 1)[-1].split()[0] != "Z":
+        assert time.monotonic() < deadline, f"stage process {stage} outlived the killed pipeline"
+        time.sleep(0.05)
+    proc = pixgen("run", path, "--root", root)
+    assert ran(proc) == ["fractals"] and "resuming" in proc.stderr
+    assert assets.open_asset(root / "fractals.zarr").attrs["complete"] is True

@@ -21,8 +21,8 @@ EPS = [0.0, 0.1, 0.2, 0.3]
 CORRUPTIONS = ["shot_noise", "rotate", "fog"]
 
 
-def evaluation(model_path, method, clean, fgsm, ece, fpr95, dent=True, certify=None) -> dict:
-    """A pixgen evaluate result with known numbers (the DENT entry slightly better everywhere)."""
+def evaluation(model_path, method, clean, fgsm, ece, fpr95, dent=True, certify=None, eps=None) -> dict:
+    """The results of a pixgen evaluate asset, with known numbers (DENT slightly better everywhere)."""
 
     def defense(shift):
         curve = [min(1.0, v + shift) for v in fgsm]
@@ -45,35 +45,43 @@ def evaluation(model_path, method, clean, fgsm, ece, fpr95, dent=True, certify=N
     if dent:
         defenses["dent"] = defense(0.01)
     return {
-        "pixgen_version": "0.1.0",
-        "stage": "evaluate",
-        "model": {"path": str(model_path), "arch": "wk-small", "method": method, "config_hash": "0", "weights_hash": "0"},
-        "config": {},
-        "data": {"test_count": 100, "test_identity": "abc", "mnist_c": None},
+        "model": {"path": str(model_path), "arch": "wk-small", "method": method, "config_hash": "0", "weights_hash": "0", "eps": eps},
+        "data": {"test_count": 100, "test_identity": "abc"},
         "device": "cpu",
         "seconds": 1.0,
         "defenses": defenses,
+        "warnings": [],
     }
+
+
+def evaluation_asset(path: Path, doc: dict) -> Path:
+    """An evaluate asset holding `doc` as its results, with stored adversarial digits (6 attack
+    digits; FGSM at every ε of the doc)."""
+    rng = np.random.default_rng(len(str(path)))
+    eps = len(doc["defenses"]["none"]["fgsm"]["eps"])
+    arrays = {
+        "attack_labels": np.arange(6, dtype=np.int64),
+        "examples_fgsm": rng.integers(0, 256, (eps, 6, 28, 28), dtype=np.uint8),
+        "examples_fgsm_predicted": rng.integers(0, 10, (eps, 6)).astype(np.int16),
+    }
+    return assets.save_arrays(path, "evaluate", {"test": path.name}, arrays, attrs=doc)
 
 
 @pytest.fixture(scope="module")
-def evals(tmp_path_factory) -> Path:
+def evals(tmp_path_factory) -> list[Path]:
     """Three evaluations: pgd-net is the most robust, pixmix-net the best calibrated and best at
-    OOD, std-net and pixmix-net tie on clean accuracy; pgd-net's meta.json says ε 0.3."""
+    OOD, std-net and pixmix-net tie on clean accuracy; pgd-net was trained at ε 0.3."""
     root = tmp_path_factory.mktemp("evals")
-    robust = root / "models" / "pgd-net"
-    robust.mkdir(parents=True)
-    (robust / "meta.json").write_text(json.dumps({"stage": "train", "arch": "wk-small", "method": "pgd", "eps": 0.3}))
     docs = {
         "std-net": evaluation(root / "models" / "std-net", "standard", 0.99, [0.99, 0.4, 0.05, 0.0], ece=0.02, fpr95=0.5),
         "pixmix-net": evaluation(root / "models" / "pixmix-net", "pixmix", 0.99, [0.99, 0.5, 0.1, 0.01], ece=0.005, fpr95=0.1, dent=False),
-        "pgd-net": evaluation(robust, "pgd", 0.97, [0.97, 0.95, 0.9, 0.85], ece=0.03, fpr95=0.6, certify=0.8),
+        "pgd-net": evaluation(root / "models" / "pgd-net", "pgd", 0.97, [0.97, 0.95, 0.9, 0.85], ece=0.03, fpr95=0.6, certify=0.8, eps=0.3),
     }
-    folder = root / "results"
-    folder.mkdir()
-    for name, doc in docs.items():
-        (folder / f"{name}.json").write_text(json.dumps(doc))
-    return folder
+    return [evaluation_asset(root / f"{name}.zarr", doc) for name, doc in docs.items()]
+
+
+def eval_args(evals: list[Path]) -> list:
+    return [arg for path in evals for arg in ("--eval", path)]
 
 
 def small_asset(path: Path, stage: str, arrays: dict[str, np.ndarray], attrs: dict | None = None) -> Path:
@@ -82,23 +90,18 @@ def small_asset(path: Path, stage: str, arrays: dict[str, np.ndarray], attrs: di
 
 @pytest.fixture(scope="module")
 def built(evals, tmp_path_factory) -> Path:
-    """A report with every kind of input: evaluations, two mixing sets, shards, MNIST-C and a model."""
-    import torch
-
+    """A report with every kind of input: evaluations, two mixing sets, shards and MNIST-C."""
     root = tmp_path_factory.mktemp("inputs")
     rng = np.random.default_rng(0)
     pictures = {"images": rng.integers(0, 256, (20, 28, 28), dtype=np.uint8)}
     indices = np.arange(6, dtype=np.int64)
-    torch.manual_seed(0)
-    models.save(root / "net", models.build("wk-small"), {"arch": "wk-small", "method": "standard", "complete": True})
     config = report.ReportConfig(grid_count=8, columns=6, adv_eps=(0.0, 0.2))
     index = report.run(
-        config, [evals], tmp_path_factory.mktemp("out") / "report",
+        config, evals, tmp_path_factory.mktemp("out") / "report",
         fractals=small_asset(root / "fractals.zarr", "fractals", pictures),
         featvis=small_asset(root / "featvis.zarr", "featvis", pictures),
         shards=small_asset(root / "shards.zarr", "augment", {"images": rng.integers(0, 256, (2, 6, 28, 28), dtype=np.uint8), "indices": indices, "labels": indices}),
         mnist_c=small_asset(root / "mnist_c.zarr", "corrupt", {"images": rng.integers(0, 256, (3, 6, 28, 28), dtype=np.uint8), "indices": indices, "labels": indices}, {"corruptions": CORRUPTIONS}),
-        model=root / "net",
     )  # fmt: skip
     return index.parent
 
@@ -118,8 +121,8 @@ def table(summary: str, which: int = 0) -> tuple[list[str], list[list[str]]]:
 def test_summary_marks_the_best_of_every_model_in_its_direction(built):
     header, rows = table((built / "summary.md").read_text())
     assert [(r[0], r[1]) for r in rows] == [
-        ("pgd-net (pgd)", "none"), ("pgd-net (pgd)", "dent"), ("pixmix-net (pixmix)", "none"),
-        ("std-net (standard)", "none"), ("std-net (standard)", "dent"),
+        ("std-net (standard)", "none"), ("std-net (standard)", "dent"), ("pixmix-net (pixmix)", "none"),
+        ("pgd-net (pgd)", "none"), ("pgd-net (pgd)", "dent"),
     ]  # fmt: skip
 
     def bold(column: str) -> set[tuple[str, str]]:
@@ -133,14 +136,14 @@ def test_summary_marks_the_best_of_every_model_in_its_direction(built):
     assert bold("certified ε=0.1") == set()  # one value: nothing to compare
     assert any(h.startswith("ECE (%) ↓") for h in header) and any(h.startswith("clean acc. (%) ↑") for h in header)
     certified = header.index("certified ε=0.1 (%) ↑")
-    assert [r[certified] for r in rows] == ["80.0", "—", "—", "—", "—"]
+    assert [r[certified] for r in rows] == ["—", "—", "—", "80.0", "—"]
     assert not any(h.startswith("PGD-40 ε=0.1") for h in header)  # no evaluation ran it: no empty column
     html = (built / "index.html").read_text()
     assert html.count('class="best"') == sum(r.count("**") // 2 for r in (" ".join(row) for row in rows))
 
 
 def test_figures_and_grids_are_written_as_png_and_svg(built):
-    names = ["fgsm_accuracy", "pgd_accuracy", "mnist_c", "calibration", "ood", "fractals_grid", "featvis_grid", "shards_grid", "mnist_c_grid", "adversarial_grid"]
+    names = ["fgsm_accuracy", "pgd_accuracy", "mnist_c", "calibration", "ood", "fractals_grid", "featvis_grid", "shards_grid", "mnist_c_grid", "adversarial_0", "adversarial_1", "adversarial_2"]
     for name in names:
         png, svg = built / f"{name}.png", built / f"{name}.svg"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
@@ -154,11 +157,6 @@ def test_figures_and_grids_are_written_as_png_and_svg(built):
     assert not [p for p in built.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
-def test_training_eps_from_meta(evals):
-    assert report.training_eps(evals.parent / "models" / "pgd-net") == 0.3
-    assert report.training_eps(evals.parent / "models" / "missing") is None
-
-
 @pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")), reason="no chromium or chromium-browser on PATH to render index.html")
 def test_page_renders_in_headless_chromium(built):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -168,7 +166,7 @@ def test_page_renders_in_headless_chromium(built):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     images = len(re.findall(r"<img ", proc.stdout))
-    assert images == 10
+    assert images == 12
     # Set by the page's own script once loaded: images whose naturalWidth > 0 / all images.
     assert f'data-images="{images}/{images}"' in proc.stdout
     assert "pgd-net (pgd)" in proc.stdout
@@ -176,9 +174,9 @@ def test_page_renders_in_headless_chromium(built):
 
 def test_rerun_replaces_a_report_and_nothing_else(evals, tmp_path):
     out = tmp_path / "report"
-    proc = pixgen("report", "--eval", evals, "--out", out, "--table-eps", "0.1,0.3")
+    proc = pixgen("report", *eval_args(evals), "--out", out, "--table-eps", "0.1,0.3")
     assert proc.stdout.strip() == f"output: {out / 'index.html'}"
-    report.run(report.ReportConfig(table_eps=(0.2,)), [evals / "std-net.json"], out)
+    report.run(report.ReportConfig(table_eps=(0.2,)), evals[:1], out)
     _, rows = table((out / "summary.md").read_text())
     assert {r[0] for r in rows} == {"std-net (standard)"}
     assert not (out / "mnist_c_grid.png").exists()
@@ -187,7 +185,7 @@ def test_rerun_replaces_a_report_and_nothing_else(evals, tmp_path):
     other.mkdir()
     (other / "keep.txt").write_text("mine")
     with pytest.raises(PixgenError, match="not empty and holds no pixgen report"):
-        report.run(report.ReportConfig(), [evals], other)
+        report.run(report.ReportConfig(), evals, other)
     assert (other / "keep.txt").read_text() == "mine"
 
 
@@ -195,8 +193,8 @@ def test_rerun_replaces_a_report_and_nothing_else(evals, tmp_path):
     "case, message",
     [
         ("missing", "does not exist"),
-        ("not-evaluate", "is not a pixgen evaluate result"),
-        ("broken", "is not a pixgen evaluate result"),
+        ("not-evaluate", "is a fractals asset, but a evaluate asset is needed here"),
+        ("broken", "is damaged"),
         ("none", "no evaluation given"),
         ("not-certify", "is a fractals asset, but a certify asset is needed here"),
         ("missing-certify", "does not exist"),
@@ -204,17 +202,16 @@ def test_rerun_replaces_a_report_and_nothing_else(evals, tmp_path):
 )
 def test_bad_inputs_fail_with_one_line(case, message, evals, tmp_path):
     args = {
-        "missing": ["--eval", tmp_path / "nope.json"],
-        "not-evaluate": ["--eval", tmp_path / "train.json"],
-        "broken": ["--eval", tmp_path / "broken.json"],
+        "missing": ["--eval", tmp_path / "nope.zarr"],
+        "not-evaluate": ["--eval", tmp_path / "fractals.zarr"],
+        "broken": ["--eval", tmp_path / "broken.zarr"],
         "none": [],
-        "not-certify": ["--eval", evals, "--certify", tmp_path / "fractals.zarr"],
-        "missing-certify": ["--eval", evals, "--certify", tmp_path / "nope.zarr"],
+        "not-certify": [*eval_args(evals), "--certify", tmp_path / "fractals.zarr"],
+        "missing-certify": [*eval_args(evals), "--certify", tmp_path / "nope.zarr"],
     }[case]
-    if case == "not-certify":
-        small_asset(tmp_path / "fractals.zarr", "fractals", {"images": np.zeros((2, 28, 28), np.uint8)})
-    (tmp_path / "train.json").write_text(json.dumps({"stage": "train", "arch": "wk-small"}))
-    (tmp_path / "broken.json").write_text('{"stage": "evaluate", ')
+    small_asset(tmp_path / "fractals.zarr", "fractals", {"images": np.zeros((2, 28, 28), np.uint8)})
+    shutil.copytree(evals[0], tmp_path / "broken.zarr")
+    (tmp_path / "broken.zarr" / "zarr.json").write_text('{"node_type": "group", ')
     proc = pixgen("report", *args, "--out", tmp_path / "out", check=False)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
@@ -252,8 +249,7 @@ def certified(tmp_path_factory) -> dict:
         assert result.exit_code == 0, result.output
     doc = evaluation(net, "ibp", 0.7, [0.7, 0.3, 0.1, 0.0], ece=0.05, fpr95=0.5, dent=False)
     doc["model"]["weights_hash"] = models.weights_hash(models.load(net)[0])
-    (root / "ibp-net.json").write_text(json.dumps(doc))
-    return {"root": root, "eval": root / "ibp-net.json", "raw": models.weights_hash(models.load(root / "raw-net")[0]), **paths}
+    return {"root": root, "eval": evaluation_asset(root / "ibp-net.zarr", doc), "raw": models.weights_hash(models.load(root / "raw-net")[0]), **paths}
 
 
 def test_certify_assets_give_a_table_a_column_and_the_bounds_figure(certified, tmp_path):
