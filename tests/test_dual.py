@@ -94,8 +94,10 @@ def test_dilated_grouped_convs_bound_as_their_dense_equivalents():
             _close(dual.bounds(sparse, x, y, eps), dual.bounds(dense, x, y, eps))
 
 
-def test_exact_bound_equals_the_library_on_a_trained_net():
-    """A trained net has few unstable ReLUs and margins of both signs, unlike a random one."""
+@pytest.fixture(scope="module")
+def trained() -> nn.Sequential:
+    """wk-small after one epoch of plain Adam on 3,000 digits: few unstable ReLUs and margins of
+    both signs, unlike a random net."""
     x, y = _digits("train", 0, 3000)
     model = _seeded(lambda: models.build("wk-small"), 0)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
@@ -104,11 +106,15 @@ def test_exact_bound_equals_the_library_on_a_trained_net():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    return model
+
+
+def test_exact_bound_equals_the_library_on_a_trained_net(trained):
     x, y = _digits("test", 0, 20)
     with torch.no_grad():
-        assert (model(x).argmax(1) == y).float().mean() > 0.8
-        ours = dual.bounds(model, x, y, 0.02)
-        _close(ours, _library(model, x, y, 0.02))
+        assert (trained(x).argmax(1) == y).float().mean() > 0.8
+        ours = dual.bounds(trained, x, y, 0.02)
+        _close(ours, _library(trained, x, y, 0.02))
         others = ours.scatter(1, y[:, None], -torch.inf)
         assert (others.max(1).values < 0).any(), "some digit certified, so the test covers negative bounds"
 
@@ -128,10 +134,10 @@ def test_exact_gradients_equal_the_library():
 DRAWS = 160
 
 
-def _draws(bound, model, x, y, eps):
+def _draws(bound, model, x, y, eps, projections=10, draws=DRAWS):
     torch.manual_seed(5)
     with torch.no_grad():
-        return torch.stack([bound(model, x, y, eps, 10) for _ in range(DRAWS)])
+        return torch.stack([bound(model, x, y, eps, projections) for _ in range(draws)])
 
 
 def test_projected_estimate_has_the_library_distribution():
@@ -144,13 +150,29 @@ def test_projected_estimate_has_the_library_distribution():
     # probability > 0.999 (a wrong median rank or scale moves them by tens).
     z = (ours.mean(0) - theirs.mean(0)) / ((ours.var(0) + theirs.var(0)) / DRAWS).sqrt()
     assert z.abs().max() < 4.5, z
-    # Spread: the per-margin ratio of standard deviations scatters by ±~15% at 160 draws (skewed
-    # laws); its median over the 36 margins is within 10% when the laws agree.
+    # Spread: one input projection drives all 36 margins of a draw, so per-margin statistics err
+    # together; over seeds the median ratio of standard deviations ranged 0.93–1.16 at 160 draws,
+    # and quartiles per margin agreed within 10% (a 10% rank shift of the median, or a lost
+    # term, moves them further).
     ratio = (ours.std(0) / theirs.std(0)).median()
-    assert 0.85 < ratio < 1.18, ratio
-    # Quantiles per margin: the 10%, 50%, 90% quantiles' sampling error at 160 draws is a few %.
-    for q in (0.1, 0.5, 0.9):
+    assert 0.75 < ratio < 1.33, ratio
+    for q in (0.25, 0.5, 0.75):
         torch.testing.assert_close(ours.quantile(q, 0), theirs.quantile(q, 0), rtol=0.15, atol=0)
+
+
+def test_projected_estimate_with_few_unstable_relus_matches_the_library(trained):
+    """Where a batch has at most k unstable units in a layer, the library bounds that layer
+    exactly (one row per unit) instead of projecting it: here the first ReLU layer (~26 unstable
+    units at ε 0.005 on these two digits, k = 50), while the second (~70) is projected."""
+    x, y = _digits("test", 0, 2)
+    ours, theirs = _draws(dual.bounds, trained, x, y, 0.005, 50, 150), _draws(_library, trained, x, y, 0.005, 50, 150)
+    # The laws are narrow with a long upper tail, and one projection drives all 20 margins of a
+    # draw, so their errors move together; standard deviations scatter by ±30% at this size.
+    # Quartiles are stable to ~10% of the 10–90% spread (300-draw runs agree to 0.1 of it), and a
+    # lost or doubled term moves them by about the whole spread.
+    spread = theirs.quantile(0.9, 0) - theirs.quantile(0.1, 0)
+    for q in (0.25, 0.5, 0.75):
+        assert torch.all((ours.quantile(q, 0) - theirs.quantile(q, 0)).abs() <= 0.3 * spread + 1e-6), q
 
 
 def test_projected_estimate_centres_on_the_exact_bound():
