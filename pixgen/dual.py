@@ -11,24 +11,33 @@ the input box [lo, hi] = [max(x−ε, 0), min(x+ε, 1)] then follows from one ba
 and every term splits into a part linear in λ ("lin") and an ℓ1 part ("abs"): (−l)[ν]_+ =
 −lν/2 + |l||ν|/2. The bounds l, u of a layer's pre-activations are lin ∓ abs for λ = each unit.
 
-Exact bound (`projections=0`): every layer's bounds by that backward pass from all its units,
-chunked. The library instead pushes the input identity and one one-hot row per unstable unit
-forward through the net; the backward pass gives the same numbers for far less work on conv nets,
-because the backward pass through the first affine layer it meets is shared by the whole batch.
+Exact bound (`projections=0`): every layer's bounds by that backward pass from all its units.
+The library instead pushes the input identity and one one-hot row per unstable unit forward
+through the net, one Python object per term. Here, while the layers below are convolutions and
+ReLUs, a unit's backward pass only reaches its receptive field, so all units' rows live on small
+windows (unfolded maps; Wᵀ between windows as one GEMM) — the rows of the C units at one
+position start as the identity, shared by batch and positions; above a Linear the rows are whole
+maps, starting from the identity shared by the batch, in chunks of ≤ CHUNK_FLOATS.
 
-Projected estimate (`projections=k`, training): as the library, forward. One tensor per batch
-element carries, through each affine layer in a single call, the centre row (lin) and k-row
-groups whose ℓ1 norms the median of |·| over the group estimates (Cauchy projections; the
-median of |Cauchy(0, 1)| is 1, so no rescaling): the input's R·hi and R·lo (one R (k, input)
-shared by the batch, as the library; abs gets (med_hi − med_lo)/2) and, per ReLU, k Cauchy rows on
-its unstable units scaled by l·d (abs gets med/2) — or, as in the library when the batch has at
-most k unstable units there, its exact one-hot rows (abs gets their ℓ1 sum/2). The margins
-themselves are exact given these bounds, and, as in the library (its projected input layer
-inherits the unclipped ε-ball objective), their input term is λ_inᵀx + ε‖λ_in‖₁, not the box's.
+Projected estimate (`projections=k`, training): forward, as the library. The centre (lin) goes
+through each layer as a batch, and every k-row group through it in a single call as
+(B, rows, *shape), its ℓ1 norm estimated by the median of |·| over the group (Cauchy
+projections; the median of |Cauchy(0, 1)| is 1, so no rescaling): the input's R·hi and R·lo
+(one R (k, input) shared by the batch, as the library; abs gets (med_hi − med_lo)/2) and, per
+ReLU, k Cauchy rows on its unstable units scaled by l·d (abs gets med/2) — or, as the library
+does when the batch has at most k unstable units there, exact one-hot rows (abs gets their ℓ1
+sum/2). The margins are exact given these bounds and, as in the library (its projected input
+layer inherits the unclipped ε-ball objective), their input term is λ_inᵀx + ε‖λ_in‖₁, not the
+box's: the projected estimate sits above the exact bound where the box clips the ball.
 
-Differences from the library: no Cauchy rows are drawn for the last ReLU (the library draws them
-and never uses them), so RNG streams differ; projections must be fewer than the input's size
-(the library then switches to the exact input term).
+Differences from the library. Same numbers: the exact bound and its gradient agree to float
+rounding; the projected estimate has its law, not its draws — Cauchy values come from
+tan(π(U − ½)), no rows are drawn for the last ReLU (the library draws them and never uses
+them), and the median (a sorting network, not torch.median) sends the gradient of a tie to
+every tied element (ties are zeros, which pass none). Projections must be fewer than the input's
+size (the library then uses the exact input term). The library ignores Conv2d dilation and
+groups and lacks the transposed conv's output_padding (it fails on e.g. 3×3/stride-2 convs of
+even maps); both are handled here.
 """
 
 from __future__ import annotations
@@ -176,7 +185,7 @@ def _relax_exact(layers, shapes, lo, hi):
         if not isinstance(layer, nn.ReLU):
             continue
         shape = shapes[i]
-        if all(isinstance(below, (nn.Conv2d, nn.ReLU)) for below in layers[:i]):
+        if len(shape) == 3 and all(isinstance(below, (nn.Conv2d, nn.ReLU)) for below in layers[:i]):
             lin, abs_ = _windowed(layers, i, relus, shapes, centre, radius)
         else:
             units = torch.Size(shape).numel()

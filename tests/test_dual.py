@@ -72,6 +72,16 @@ def test_exact_bound_equals_the_library_on_other_nets(build, eps):
     assert torch.all(ours[torch.arange(6), y] == 0)
 
 
+def test_exact_bound_in_float64_equals_the_library():
+    """pixgen's certificate runs in float64; the bound follows the model's dtype."""
+    x, y = _digits("test", 50, 4)
+    model = _seeded(lambda: models.build("wk-small"), 11).double()
+    with torch.no_grad():
+        ours = dual.bounds(model, x.double(), y, 0.1)
+        assert ours.dtype == torch.float64
+        torch.testing.assert_close(ours, _library(model, x.double(), y, 0.1), rtol=1e-10, atol=1e-10 * float(ours.abs().max()))
+
+
 def test_dilated_grouped_convs_bound_as_their_dense_equivalents():
     """The library's dual convs ignore dilation and groups, so the reference here is the same net
     with each such kernel spelled out densely: zeros between the taps, zeros off the group blocks."""
