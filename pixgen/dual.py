@@ -130,6 +130,7 @@ def _affine_t(layer: nn.Module, lam: torch.Tensor, in_shape: tuple[int, ...]) ->
         pad = tuple(in_shape[1 + i] - ((out.shape[2 + i] - 1) * s[i] - 2 * p[i] + dil[i] * (k[i] - 1) + 1) for i in range(2))
         out = out.contiguous(memory_format=torch.channels_last)  # oneDNN is ~2× faster so
         out = F.conv_transpose2d(out, layer.weight, stride=s, padding=p, output_padding=pad, groups=layer.groups, dilation=dil)
+        out = out.contiguous()  # elementwise kernels on channels-last 5-D views fall off their fast paths
     return out.reshape(b, n, *in_shape)
 
 
@@ -166,7 +167,7 @@ def _margins(layers, lam, relus, shapes, centre, radius):
         if isinstance(layer, nn.ReLU):
             d, low = relus[i]
             lam = lam * d[:, None]
-            bound = bound - (lam.clamp(min=0) * low[:, None]).flatten(2).sum(2)
+            bound = bound - (F.relu(lam) * low[:, None]).flatten(2).sum(2)
             continue
         if getattr(layer, "bias", None) is not None:
             summed = lam if isinstance(layer, nn.Linear) else lam.sum((-2, -1))
@@ -369,7 +370,8 @@ def _affine_rows(layer: nn.Module, rows: torch.Tensor) -> torch.Tensor:
         return rows.reshape(b, n, -1)
     if isinstance(layer, nn.Linear):
         return F.linear(rows, layer.weight)
-    # channels-last: oneDNN's backward pass for many small images is several times faster in it
+    # channels-last in oneDNN's call only: its backward pass for many small images is several
+    # times faster so, and the elementwise kernels that follow are faster on plain layouts
     images = rows.reshape(b * n, *rows.shape[2:]).contiguous(memory_format=torch.channels_last)
-    out = F.conv2d(images, layer.weight, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+    out = F.conv2d(images, layer.weight, None, layer.stride, layer.padding, layer.dilation, layer.groups).contiguous()
     return out.reshape(b, n, *out.shape[1:])
