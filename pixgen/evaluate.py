@@ -2,18 +2,18 @@
 defence (none, DENT), with per-digit outcomes stored so that worst cases, paired tests and
 certified-against-attacked checks are computed per digit, never from means.
 
-The asset is a Zarr group (pixgen.assets) whose units are tasks: a plain suite under one defence
-(`<defence>/clean`, …) or one attack suite under one defence (`<defence>/pgd`, …). Each unit
-writes per-digit arrays (predicted probabilities, correct-or-not per threat and ε); when every unit
-is in, the summary (accuracies with 95% Wilson intervals, calibration, detection, sanity warnings)
-is computed from those arrays into the group's attributes (`results`, in the same layout for every
-network), which is all the report reads.
+The asset is a Zarr group (pixgen.assets) whose units are tasks: a suite under one defence or an
+attack under one defence. Each unit writes per-digit arrays (predicted probabilities, correct or
+not per threat and ε); when every unit is in, the results (accuracies with 95% Wilson intervals,
+calibration, detection, sanity warnings) are computed from those arrays into the group's
+attributes (`defenses`, `warnings`), which is all the report reads.
 
-Suites (`SUITES`, by name): clean, calibration, ood, consistency, corruptions (digits of the
-test subset: all of the test split by default), fgsm, pgd, autoattack (a fixed class-balanced
-attack subset: 1,000 digits by default), certify (dual networks: the exact dual bound).
+Suites without attacks (`SUITES`, a registry by name, on the test digits: all of the test split
+by default): clean, calibration, ood, consistency, corruptions, certify (dual networks: the exact
+dual bound). Attacks (`EvalConfig.attacks`: any name of pixgen.attacks.ATTACKS with its ε grid, on
+a fixed class-balanced subset of the test digits, 1,000 by default): FGSM and PGD by default.
 
-Threats: an attack suite under defence `none` attacks the static network ("standard"). Under a
+Threats: an attack under defence `none` attacks the static network ("standard"). Under a
 DENT defence (pixgen.dent.DEFENSES) each attack is run three ways: "standard" (the attack sees
 DENT's final prediction, adaptation detached: the DENT paper's evaluation), "transfer" (the static
 network's adversarial digits shown to DENT) and, for pgd, the attacks that use DENT's internals
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,26 +47,23 @@ def grid(stop: float, step: float) -> tuple[float, ...]:
     return tuple(round(step * i, 6) for i in range(round(stop / step) + 1))
 
 
-PLAIN = ("clean", "calibration", "ood", "consistency", "corruptions", "certify")
-ATTACK_SUITES = ("fgsm", "pgd", "autoattack")
-SUITES = PLAIN + ATTACK_SUITES
+
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     """What an evaluation computes; its hash (defences included) is the asset's identity.
 
-    test_size: digits of the plain suites, a fixed class-balanced subset of the test split (None:
-    all); attack_size: the attack digits, a fixed class-balanced subset of those (None: ATTACK_SIZE,
-    or all of them if fewer); certify_size: the first this many attack digits get the exact
-    certificate (dual networks only)."""
+    suites: the suites without attacks (SUITES); attacks: (attack name, its ε grid) pairs, any
+    name of pixgen.attacks.ATTACKS, run on the attack digits; test_size: digits of the suites, a
+    fixed class-balanced subset of the test split (None: all); attack_size: the attack digits, a
+    fixed class-balanced subset of those (None: ATTACK_SIZE, or all of them if fewer);
+    certify_size: the first this many attack digits get the exact certificate (dual networks)."""
 
-    suites: tuple[str, ...] = ("clean", "calibration", "ood", "consistency", "corruptions", "fgsm", "pgd", "certify")
+    suites: tuple[str, ...] = ("clean", "calibration", "ood", "consistency", "corruptions", "certify")
+    attacks: tuple[tuple[str, tuple[float, ...]], ...] = (("fgsm", grid(0.5, 0.02)), ("pgd", grid(0.5, 0.1)))
     defenses: tuple[str, ...] = ("none",)
-    fgsm_eps: tuple[float, ...] = grid(0.5, 0.02)
-    pgd_eps: tuple[float, ...] = grid(0.5, 0.1)
     pgd_restarts: int = 5
-    autoattack_eps: tuple[float, ...] = ()
     test_size: int | None = None
     attack_size: int | None = None
     batch_size: int = 250  # the static network's batches; DENT uses its own
@@ -77,18 +74,22 @@ class EvalConfig:
     certify_size: int = 1000
 
     def __post_init__(self):
+        # JSON gives lists back; the config must stay hashable and compare equal to the one made.
+        object.__setattr__(self, "attacks", tuple((name, tuple(eps)) for name, eps in self.attacks))
         unknown = [s for s in self.suites if s not in SUITES]
-        if unknown or not self.suites:
-            raise PixgenError(f"unknown suite {', '.join(unknown) or '(none given)'}; choose from {', '.join(SUITES)}")
+        if unknown:
+            raise PixgenError(f"unknown suite {', '.join(unknown)}; choose from {', '.join(SUITES)}")
+        names = [name for name, _ in self.attacks]
+        if any(n not in attacks.ATTACKS for n in names) or len(set(names)) != len(names):
+            raise PixgenError(f"attacks must be distinct names from {', '.join(attacks.ATTACKS)}, got {', '.join(names)}")
+        if not self.suites and not self.attacks:
+            raise PixgenError("nothing to evaluate: give at least one suite or attack")
         known = ("none", *DENT_DEFENSES)
         if not self.defenses or any(d not in known for d in self.defenses) or len(set(self.defenses)) != len(self.defenses):
             raise PixgenError(f"defences must be distinct names from {', '.join(known)}, got {', '.join(self.defenses) or '(none)'}")
-        for name in ("fgsm_eps", "pgd_eps", "autoattack_eps"):
-            grid_ = getattr(self, name)
-            if any(not 0 <= e <= 1 for e in grid_) or list(grid_) != sorted(set(grid_)):
-                raise PixgenError(f"--{name.replace('_', '-')} must be increasing budgets in [0, 1] (pixel units), got {', '.join(map(str, grid_)) or '(none)'}")
-            if not grid_ and name.split("_")[0] in self.suites:
-                raise PixgenError(f"the {name.split('_')[0]} suite needs at least one ε (--{name.replace('_', '-')})")
+        for name, eps in self.attacks:
+            if not eps or any(not 0 <= e <= 1 for e in eps) or list(eps) != sorted(set(eps)):
+                raise PixgenError(f"{name}'s ε must be increasing budgets in [0, 1] (pixel units), got {', '.join(map(str, eps)) or '(none)'}")
         for name in ("batch_size", "certify_size", "max_shift", "pgd_restarts", "adaptive_steps"):
             if getattr(self, name) < 1:
                 raise PixgenError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -96,8 +97,9 @@ class EvalConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise PixgenError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
-    def eps(self, suite: str) -> tuple[float, ...]:
-        return getattr(self, f"{suite}_eps")
+    def eps(self, attack: str) -> tuple[float, ...]:
+        return dict(self.attacks)[attack]
+
 
 
 # ---------------------------------------------------------------- predictions
@@ -121,27 +123,6 @@ def probabilities(model: nn.Module, images, batch_size: int, device) -> np.ndarr
 # ---------------------------------------------------------------- the evaluation
 
 
-@dataclass
-class Setup:
-    """Everything the units share: the networks, the digits, the other inputs."""
-
-    config: EvalConfig
-    static: nn.Module
-    meta: dict
-    networks: dict[str, nn.Module]  # defence → the network that predicts
-    dataset: str
-    test: tuple[np.ndarray, np.ndarray, np.ndarray]  # images, labels, indices into the test split
-    attack: tuple[torch.Tensor, torch.Tensor, np.ndarray]  # x, y, indices into the test split
-    corrupt: str | None
-    data_root: object
-    device: torch.device
-
-    def batches(self, defence: str) -> list[slice]:
-        size = self.networks[defence].config.batch_size if defence != "none" else self.config.batch_size
-        n = len(self.attack[1])
-        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
 def threats(setup: Setup, defence: str, suite: str) -> dict[str, Callable]:
     """{threat: make(x, y, eps, batch) -> adversarial x} for one defence and attack suite."""
     static, seed = setup.static, setup.config.seed
@@ -149,6 +130,7 @@ def threats(setup: Setup, defence: str, suite: str) -> dict[str, Callable]:
     def on(model, **params):
         return lambda x, y, eps, batch: attacks.build(suite, model, eps, seed=seed, batch=batch, **params)(x, y)
 
+    # PGD's restarts are the one attack parameter an evaluation sets (the study reports ≥ 5).
     params = {"restarts": setup.config.pgd_restarts} if suite == "pgd" else {}
     if defence == "none":
         return {"standard": on(static, **params)}
@@ -162,6 +144,7 @@ def threats(setup: Setup, defence: str, suite: str) -> dict[str, Callable]:
         pool = to_tensor(setup.test[0], setup.device)
         out["eot"] = lambda x, y, eps, b: adaptive.eot_batches(dent, x, y, eps, attacks.stream_seed(seed, "eot", eps, b), pool=pool, steps=steps)
     return out
+
 
 
 def attack_unit(setup: Setup, defence: str, suite: str) -> assets.Writes:
@@ -192,30 +175,131 @@ def attack_unit(setup: Setup, defence: str, suite: str) -> assets.Writes:
     return writes
 
 
-def plain_unit(setup: Setup, defence: str, suite: str) -> assets.Writes:
-    images, labels, _ = setup.test
-    network, config = setup.networks[defence], setup.config
-    if suite == "clean":
-        return {f"{defence}_probs": (slice(None), probabilities(network, images, config.batch_size, setup.device))}
-    if suite == "ood":
-        sets = ood_sets(len(labels), config.seed, setup.data_root, setup.dataset)
-        return {f"{defence}_ood_{name}": (slice(None), probabilities(network, s, config.batch_size, setup.device)) for name, s in sets.items()}
-    if suite == "consistency":
-        frames = metrics.translation_sequences(images, config.max_shift)
-        classes = np.stack([[probabilities(network, f, config.batch_size, setup.device).argmax(1) for f in seq] for seq in frames])
-        return {f"{defence}_shifted": (slice(None), classes.astype(np.int16))}
-    if suite == "corruptions":
-        group = assets.open_asset(setup.corrupt, stage="corrupt")
-        clean, _ = data.load(setup.dataset, "test", setup.data_root)
-        shown = [probabilities(network, assets.read(group, "images", c), config.batch_size, setup.device).argmax(1) for c in range(group["images"].shape[0])]
-        identity = probabilities(network, clean[assets.read(group, "indices")], config.batch_size, setup.device).argmax(1)
-        return {f"{defence}_corrupted": (slice(None), np.stack(shown).astype(np.int16)), f"{defence}_uncorrupted": (slice(None), identity.astype(np.int16))}
-    if suite == "certify":
-        x, y, _ = setup.attack
-        n = min(config.certify_size, len(y))
-        proved = bounds.dual_certified(setup.static, x[:n], y[:n], training_eps(setup.meta))
-        return {"certified": (slice(None), proved.cpu().numpy())}
-    raise AssertionError(suite)  # calibration has no unit: it is computed from clean's
+
+# ---------------------------------------------------------------- the suites without attacks
+#
+# A suite: the arrays a defence's unit writes (`arrays`), the unit (`unit`, None for a suite that
+# reads another's arrays, as calibration reads clean's) and the results computed from the arrays
+# (`summarize`). Adding a suite is three functions and an entry in SUITES.
+
+
+@dataclass(frozen=True)
+class Suite:
+    arrays: Callable[["Setup", str], dict[str, tuple[tuple[int, ...], str, tuple[str, ...]]]]
+    unit: Callable[["Setup", str], assets.Writes] | None
+    summarize: Callable[[object, "Setup", str], dict]
+    needs: str | None = None  # the suite whose arrays it reads, when it has no unit of its own
+
+
+def clean_arrays(setup, d):
+    return {f"{d}_probs": ((len(setup.test[1]), setup.classes), "float32", ("sample", "class"))}
+
+
+def clean_unit(setup, d):
+    return {f"{d}_probs": (slice(None), probabilities(setup.networks[d], setup.test[0], setup.config.batch_size, setup.device))}
+
+
+def clean_summary(group, setup, d):
+    return interval(group[f"{d}_probs"][:].argmax(1) == setup.test[1])
+
+
+def calibration_summary(group, setup, d):
+    probs, labels = group[f"{d}_probs"][:], setup.test[1]
+    return {
+        "rms": metrics.rms_calibration_error(probs, labels),
+        "ece": metrics.expected_calibration_error(probs, labels),
+        "bins": metrics.reliability_bins(probs, labels),
+        "count": int(len(labels)),
+    }
+
+
+def ood_arrays(setup, d):
+    return {f"{d}_ood_{name}": ((len(setup.test[1]), setup.classes), "float32", ("sample", "class")) for name in ood_names(setup.dataset)}
+
+
+def ood_unit(setup, d):
+    sets = ood_sets(len(setup.test[1]), setup.config.seed, setup.data_root, setup.dataset)
+    return {f"{d}_ood_{name}": (slice(None), probabilities(setup.networks[d], s, setup.config.batch_size, setup.device)) for name, s in sets.items()}
+
+
+def ood_summary(group, setup, d):
+    clean = group[f"{d}_probs"][:]
+    return {name: metrics.anomaly_detection(clean, group[f"{d}_ood_{name}"][:]) for name in ood_names(setup.dataset)}
+
+
+def consistency_arrays(setup, d):
+    return {f"{d}_shifted": ((2, 2 * setup.config.max_shift + 1, len(setup.test[1])), "int16", ("axis", "shift", "sample"))}
+
+
+def consistency_unit(setup, d):
+    frames = metrics.translation_sequences(setup.test[0], setup.config.max_shift)
+    classes = np.stack([[probabilities(setup.networks[d], f, setup.config.batch_size, setup.device).argmax(1) for f in seq] for seq in frames])
+    return {f"{d}_shifted": (slice(None), classes.astype(np.int16))}
+
+
+def consistency_summary(group, setup, d):
+    classes = group[f"{d}_shifted"][:]
+    return {"max_shift": setup.config.max_shift, "consistency": metrics.consistency(classes), "flip_rate": metrics.flip_rate(classes)}
+
+
+def corruptions_arrays(setup, d):
+    count, kinds = len(setup.corrupt_labels), len(setup.corruptions)
+    return {
+        f"{d}_corrupted": ((kinds, count), "int16", ("corruption", "corrupt_sample")),
+        f"{d}_uncorrupted": ((count,), "int16", ("corrupt_sample",)),
+    }
+
+
+def corruptions_unit(setup, d):
+    group = assets.open_asset(setup.corrupt, stage="corrupt")
+    clean, _ = data.load(setup.dataset, "test", setup.data_root)
+    network, size, device = setup.networks[d], setup.config.batch_size, setup.device
+    shown = [probabilities(network, assets.read(group, "images", c), size, device).argmax(1) for c in range(len(setup.corruptions))]
+    identity = probabilities(network, clean[assets.read(group, "indices")], size, device).argmax(1)
+    return {f"{d}_corrupted": (slice(None), np.stack(shown).astype(np.int16)), f"{d}_uncorrupted": (slice(None), identity.astype(np.int16))}
+
+
+def corruptions_summary(group, setup, d):
+    shown, truth = group[f"{d}_corrupted"][:], setup.corrupt_labels
+    per = {name: float(np.mean(shown[c] == truth)) for c, name in enumerate(setup.corruptions)}
+    kept = [name for name in setup.corruptions if name not in AFFINE]
+    return {
+        "count": int(len(truth)),
+        "identity_accuracy": float(np.mean(group[f"{d}_uncorrupted"][:] == truth)),
+        "accuracy": per,
+        "mean": float(np.mean(list(per.values()))),
+        "mean_without_affine": float(np.mean([per[n] for n in kept])) if kept else None,
+    }
+
+
+def certify_arrays(setup, d):
+    return {"certified": ((setup.certified_count,), "bool", ("certify_sample",))}
+
+
+def certify_unit(setup, d):
+    x, y, _ = setup.attack
+    n = setup.certified_count
+    return {"certified": (slice(None), bounds.dual_certified(setup.static, x[:n], y[:n], training_eps(setup.meta)).cpu().numpy())}
+
+
+def certify_summary(group, setup, d):
+    return {"eps": training_eps(setup.meta), **interval(group["certified"][:])}
+
+
+SUITES: dict[str, Suite] = {
+    "clean": Suite(clean_arrays, clean_unit, clean_summary),
+    "calibration": Suite(clean_arrays, None, calibration_summary, needs="clean"),
+    "ood": Suite(ood_arrays, ood_unit, ood_summary),
+    "consistency": Suite(consistency_arrays, consistency_unit, consistency_summary),
+    "corruptions": Suite(corruptions_arrays, corruptions_unit, corruptions_summary),
+    "certify": Suite(certify_arrays, certify_unit, certify_summary),
+}
+ONLY_STATIC = ("certify",)  # a certificate means nothing for a network that changes per batch
+
+
+
+def ood_names(dataset: str) -> tuple[str, ...]:
+    return (data.spec(dataset).ood, "uniform", "gaussian")
 
 
 def ood_sets(n: int, seed: int, data_root, dataset: str = "mnist") -> dict[str, np.ndarray]:
@@ -237,8 +321,6 @@ def training_eps(meta: dict) -> float:
     return float(eps)
 
 
-# ---------------------------------------------------------------- the summary
-
 
 def interval(correct: np.ndarray) -> dict:
     """Accuracy of a (…, N) bool array with its 95% Wilson interval, over the last axis."""
@@ -247,92 +329,124 @@ def interval(correct: np.ndarray) -> dict:
     return {"accuracy": (k / n).tolist(), "interval": np.stack([lo, hi], -1).tolist(), "count": int(n)}
 
 
-def summary(group, setup_config: EvalConfig, tasks: list[tuple[str, str]], labels: np.ndarray, attack_labels: np.ndarray) -> dict:
-    """The results of every task, computed from the stored per-digit arrays."""
-    config = setup_config
-    results: dict[str, dict] = {}
-    for defence, suite in tasks:
-        out = results.setdefault(defence, {})
-        if suite in ATTACK_SUITES:
-            names = [k for k in group.array_keys() if k.startswith(f"{defence}_{suite}_")]
-            correct = {k.removeprefix(f"{defence}_{suite}_"): group[k][:] for k in sorted(names)}
-            worst = np.logical_and.reduce(list(correct.values()))
-            entry = {"eps": list(config.eps(suite))}
-            for threat, c in {**correct, "worst": worst}.items():
-                stats = interval(c)
-                entry[threat], entry[f"{threat}_interval"] = stats["accuracy"], stats["interval"]
-            entry["count"] = int(len(attack_labels))
-            out[suite] = entry
-        elif suite == "clean":
-            probs = group[f"{defence}_probs"][:]
-            stats = interval(probs.argmax(1) == labels)
-            out["clean"] = {"accuracy": stats["accuracy"], "interval": stats["interval"], "count": stats["count"]}
-            if "calibration" in config.suites:
-                out["calibration"] = {
-                    "rms": metrics.rms_calibration_error(probs, labels),
-                    "ece": metrics.expected_calibration_error(probs, labels),
-                    "bins": metrics.reliability_bins(probs, labels),
-                    "count": int(len(labels)),
-                }
-        elif suite == "ood":
-            clean = group[f"{defence}_probs"][:]
-            sets = [k.removeprefix(f"{defence}_ood_") for k in group.array_keys() if k.startswith(f"{defence}_ood_")]
-            out["ood"] = {name: metrics.anomaly_detection(clean, group[f"{defence}_ood_{name}"][:]) for name in sorted(sets)}
-        elif suite == "consistency":
-            classes = group[f"{defence}_shifted"][:]
-            out["consistency"] = {"max_shift": config.max_shift, "consistency": metrics.consistency(classes), "flip_rate": metrics.flip_rate(classes)}
-        elif suite == "corruptions":
-            shown, names = group[f"{defence}_corrupted"][:], list(group.attrs["corruptions"])
-            truth = group["corrupt_labels"][:]
-            per = {name: float(np.mean(shown[c] == truth)) for c, name in enumerate(names)}
-            kept = [name for name in names if name not in AFFINE]
-            out["corruptions"] = {
-                "count": int(len(truth)),
-                "identity_accuracy": float(np.mean(group[f"{defence}_uncorrupted"][:] == truth)),
-                "accuracy": per,
-                "mean": float(np.mean(list(per.values()))),
-                "mean_without_affine": float(np.mean([per[n] for n in kept])) if kept else None,
-            }
-        elif suite == "certify":
-            proved = group["certified"][:]
-            stats = interval(proved)
-            out["certify"] = {"eps": group.attrs["model"]["eps"], "count": stats["count"], "accuracy": stats["accuracy"], "interval": stats["interval"]}
-    return {"defenses": results, "warnings": sanity(group, results, config)}
 
 
-def sanity(group, results: dict, config: EvalConfig) -> list[str]:
-    """Carlini et al. 2019's checks on the stored outcomes: accuracy must not rise with ε; no digit
-    certified at ε is broken by an attack at ε; DENT's worst case ≤ its standard attack's."""
+def outcomes(group, d: str, attack: str) -> dict[str, np.ndarray]:
+    """{threat: (E, M) correct-or-not} of one attack under one defence, as stored."""
+    prefix = f"{d}_{attack}_"
+    return {k.removeprefix(prefix): group[k][:] for k in sorted(group.array_keys()) if k.startswith(prefix)}
+
+
+def attack_summary(group, setup: "Setup", d: str, attack: str) -> dict:
+    """Per threat and its per-digit AND (`worst`): accuracy and interval per ε."""
+    correct = outcomes(group, d, attack)
+    entry = {"eps": list(setup.config.eps(attack)), "count": int(len(setup.attack[1]))}
+    for threat, c in {**correct, "worst": np.logical_and.reduce(list(correct.values()))}.items():
+        stats = interval(c)
+        entry[threat], entry[f"{threat}_interval"] = stats["accuracy"], stats["interval"]
+    return entry
+
+
+def sanity(group, setup: "Setup", results: dict) -> list[str]:
+    """Carlini et al. 2019's checks on the stored outcomes: accuracy must not rise with ε (per
+    attack and defence); no digit certified at ε is broken by an attack at ε."""
     warnings = []
-    for defence, suites in results.items():
-        for suite in ATTACK_SUITES:
-            if suite not in suites:
-                continue
-            outcomes = {suite: {eps: group[f"{defence}_{suite}_{t}"][i] for i, eps in enumerate(config.eps(suite))} for t in ("standard",)}
-            warnings += [f"{defence}: {w}" for w in attacks.sanity_warnings(outcomes)]
-    if "certified" in group and "none" in results and "pgd" in results["none"]:
-        proved = group["certified"][:]
-        eps = group.attrs["model"]["eps"]
-        if eps in config.pgd_eps:
-            broken = ~group["none_pgd_standard"][config.pgd_eps.index(eps)][: len(proved)]
-            if (broken & proved).any():
-                warnings.append(f"none: {int((broken & proved).sum())} digits certified at ε {eps} are broken by PGD at ε {eps}: the certificate or the attack is wrong")
+    for d, suites in results.items():
+        worst = {a: dict(zip(grid_, np.logical_and.reduce(list(outcomes(group, d, a).values())))) for a, grid_ in setup.config.attacks if a in suites}
+        warnings += [f"{d}: {w}" for w in attacks.sanity_warnings(worst)]
+    if "certified" in group:
+        proved, eps = group["certified"][:], training_eps(setup.meta)
+        for attack, grid_ in setup.config.attacks:
+            if "none" in results and attack in results["none"] and eps in grid_:
+                broken = ~group[f"none_{attack}_standard"][grid_.index(eps)][: len(proved)]
+                if (broken & proved).any():
+                    warnings.append(f"none: {int((broken & proved).sum())} digits certified at ε {eps} are broken by {attack} at ε {eps}: the certificate or the attack is wrong")
     return warnings
 
 
 # ---------------------------------------------------------------- the stage
 
 
+@dataclass
+class Setup:
+    """Everything the units share: the networks, the digits, the other inputs."""
+
+    config: EvalConfig
+    static: nn.Module
+    meta: dict
+    networks: dict[str, nn.Module]  # defence → the network that predicts
+    dataset: str
+    test: tuple[np.ndarray, np.ndarray, np.ndarray]  # images, labels, indices into the test split
+    attack: tuple[torch.Tensor, torch.Tensor, np.ndarray]  # x, y, indices into the test split
+    corrupt: str | None
+    corruptions: list[str]
+    corrupt_labels: np.ndarray | None
+    data_root: object
+    device: torch.device
+
+    @property
+    def classes(self) -> int:
+        return data.spec(self.dataset).classes
+
+    @property
+    def certified_count(self) -> int:
+        return min(self.config.certify_size, len(self.attack[1]))
+
+    def batches(self, defence: str) -> list[slice]:
+        size = self.networks[defence].config.batch_size if defence != "none" else self.config.batch_size
+        n = len(self.attack[1])
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
 def tasks_of(config: EvalConfig, meta: dict, corrupt) -> list[tuple[str, str]]:
+    """(defence, suite or attack) pairs with a unit of work, in order."""
     tasks = []
     for defence in config.defenses:
         for suite in config.suites:
-            if suite == "calibration" or (suite == "certify" and (defence != "none" or meta.get("method") != "dual")):
-                continue
-            if suite == "corruptions" and corrupt is None:
+            static_only = suite in ONLY_STATIC and (defence != "none" or meta.get("method") != "dual")
+            if SUITES[suite].unit is None or static_only or (suite == "corruptions" and corrupt is None):
                 continue
             tasks.append((defence, suite))
+        tasks += [(defence, attack) for attack, _ in config.attacks]
     return tasks
+
+
+def results_of(group, setup: Setup, tasks: list[tuple[str, str]]) -> dict:
+    """The results of every task (and of the suites that read a task's arrays), from the arrays."""
+    results: dict[str, dict] = {}
+    done = set(tasks)
+    for defence in setup.config.defenses:
+        out = results.setdefault(defence, {})
+        for suite in setup.config.suites:
+            if (defence, SUITES[suite].needs or suite) in done:
+                out[suite] = SUITES[suite].summarize(group, setup, defence)
+        for attack, _ in setup.config.attacks:
+            out[attack] = attack_summary(group, setup, defence, attack)
+    return results
+
+
+def arrays_of(setup: Setup, tasks: list[tuple[str, str]]) -> dict[str, assets.ArraySpec]:
+    """Every array the tasks write, whole arrays as single chunks (each is written by one unit)."""
+    n, m = len(setup.test[1]), len(setup.attack[1])
+    shapes = {
+        "labels": ((n,), "int64", ("sample",)),
+        "indices": ((n,), "int64", ("sample",)),
+        "attack_labels": ((m,), "int64", ("attack_sample",)),
+        "attack_indices": ((m,), "int64", ("attack_sample",)),
+    }
+    if setup.corrupt is not None:
+        shapes["corrupt_labels"] = ((len(setup.corrupt_labels),), "int64", ("corrupt_sample",))
+    for defence, name in tasks:
+        if name in SUITES:
+            shapes |= SUITES[name].arrays(setup, defence)
+            continue
+        eps = len(setup.config.eps(name))
+        shapes |= {f"{defence}_{name}_{threat}": ((eps, m), "bool", (f"{name}_eps", "attack_sample")) for threat in threats(setup, defence, name)}
+        if defence == "none":
+            shown = min(EXAMPLES, m)
+            shapes[f"examples_{name}"] = ((eps, shown, *setup.attack[0].shape[2:]), "uint8", (f"{name}_eps", "example", "y", "x"))
+            shapes[f"examples_{name}_predicted"] = ((eps, shown), "int16", (f"{name}_eps", "example"))
+    return {name: assets.ArraySpec(shape, tuple(max(1, s) for s in shape), dtype, dims) for name, (shape, dtype, dims) in shapes.items()}
 
 
 def run(config: EvalConfig, model_dir, out, corrupt=None, data_root=None, force: bool = False) -> Path:
@@ -348,15 +462,14 @@ def run(config: EvalConfig, model_dir, out, corrupt=None, data_root=None, force:
     inputs = {"model": models.weights_hash(static)}
     images, labels = data.load(dataset, "test", data_root)
     inputs[f"{dataset}-test"] = data.identity(images, labels)
-    corrupt_attrs = {}
+    corruptions, corrupt_labels = [], None
     if corrupt is not None:
         group = assets.open_asset(corrupt, stage="corrupt")
         made_from = group.attrs["config"].get("dataset", "mnist")
         if made_from != dataset:
             raise PixgenError(f"{corrupt} corrupts {made_from} images, but the model was trained on {dataset}; pass a `pixgen corrupt --dataset {dataset}` asset")
         inputs["corrupt"] = assets.asset_id(dict(group.attrs))
-        corrupt_attrs = {"corruptions": list(group.attrs["corruptions"])}
-        corrupt_labels = assets.read(group, "labels")
+        corruptions, corrupt_labels = list(group.attrs["corruptions"]), assets.read(group, "labels")
     test_index = data.balanced_subset(labels, config.test_size, SUBSET_SEED)
     # The attack digits are a subset of the test digits, so clean and attacked outcomes pair up.
     attack_size = config.attack_size or min(ATTACK_SIZE, len(test_index))
@@ -365,90 +478,36 @@ def run(config: EvalConfig, model_dir, out, corrupt=None, data_root=None, force:
     attack_index = test_index[data.balanced_subset(labels[test_index], attack_size, SUBSET_SEED)]
     test = (images[test_index], labels[test_index], test_index)
     attack = (to_tensor(images[attack_index], device), torch.as_tensor(labels[attack_index], device=device), attack_index)
-    networks = {"none": static, **{d: Dent(static, replace_dent(config.dent, DENT_DEFENSES[d])).eval() for d in config.defenses if d != "none"}}
-    setup = Setup(config, static, meta, networks, dataset, test, attack, corrupt, data_root, device)
+    networks = {"none": static, **{d: Dent(static, replace(config.dent, adapt_input=DENT_DEFENSES[d].adapt_input)).eval() for d in config.defenses if d != "none"}}
+    setup = Setup(config, static, meta, networks, dataset, test, attack, corrupt, corruptions, corrupt_labels, data_root, device)
     tasks = tasks_of(config, meta, corrupt)
-    if "certify" in config.suites and meta.get("method") == "dual":
+    if any(suite == "certify" for _, suite in tasks):
         bounds.check_layers(static, "dual")
     model_entry = {
         "path": str(model_dir), "arch": meta["arch"], "method": meta.get("method"), "dataset": dataset, "config_hash": meta.get("config_hash"),
         "weights_hash": inputs["model"], "eps": meta.get("eps"), "dent_variants": {d: networks[d].variant for d in networks if d != "none"},
     }  # fmt: skip
-    plan = assets.Plan("evaluate", config, arrays_of(setup, tasks, corrupt_attrs), units=len(tasks), inputs=inputs, attrs={"model": model_entry, **corrupt_attrs})
+    attrs = {"model": model_entry, **({"corruptions": corruptions} if corrupt is not None else {})}
+    plan = assets.Plan("evaluate", config, arrays_of(setup, tasks), units=len(tasks), inputs=inputs, attrs=attrs)
+    shared = {"labels": test[1], "indices": test_index, "attack_labels": attack[1].cpu().numpy(), "attack_indices": attack_index}
+    if corrupt is not None:
+        shared["corrupt_labels"] = corrupt_labels
 
     def work(unit: int) -> assets.Writes:
-        defence, suite = tasks[unit]
-        with torch.no_grad() if suite in PLAIN else torch.enable_grad():
-            return attack_unit(setup, defence, suite) if suite in ATTACK_SUITES else plain_unit(setup, defence, suite)
+        defence, name = tasks[unit]
+        with torch.no_grad() if name in SUITES else torch.enable_grad():
+            writes = SUITES[name].unit(setup, defence) if name in SUITES else attack_unit(setup, defence, name)
+        # The arrays every task shares go with the first unit.
+        return writes | ({k: (slice(None), v) for k, v in shared.items()} if unit == 0 else {})
 
     def finish(group) -> dict:
+        results = results_of(group, setup, tasks)
         return {
-            **summary(group, config, tasks, test[1], attack[1].cpu().numpy()),
+            "defenses": results,
+            "warnings": sanity(group, setup, results),
             "data": {"dataset": dataset, "test_count": len(test_index), "attack_count": len(attack_index), "test_identity": data.identity(*test[:2])},
             "device": str(device),
             "seconds": round(time.perf_counter() - start, 2),
         }
 
-    arrays_written = {"labels": test[1], "indices": test_index, "attack_labels": attack[1].cpu().numpy(), "attack_indices": attack_index}
-    if corrupt is not None:
-        arrays_written["corrupt_labels"] = corrupt_labels
-    return assets.build(out, plan, with_fixed(work, arrays_written, tasks), force=force, summary=finish, unit_name="task")
-
-
-def replace_dent(base: DentConfig, defence: DentConfig) -> DentConfig:
-    """The evaluation's DENT settings with the defence's own choice of what adapts."""
-    from dataclasses import replace
-
-    return replace(base, adapt_input=defence.adapt_input)
-
-
-def arrays_of(setup: Setup, tasks: list[tuple[str, str]], corrupt_attrs: dict) -> dict[str, assets.ArraySpec]:
-    """Every array the tasks write, whole arrays as single chunks (each is written by one unit)."""
-    n, m = len(setup.test[1]), len(setup.attack[1])
-    classes, shape = data.spec(setup.dataset).classes, setup.attack[0].shape[2:]
-
-    def spec(shape_, dtype, dims):
-        return assets.ArraySpec(tuple(shape_), tuple(max(1, s) for s in shape_), dtype, dims)
-
-    arrays = {
-        "labels": spec((n,), "int64", ("sample",)),
-        "indices": spec((n,), "int64", ("sample",)),
-        "attack_labels": spec((m,), "int64", ("attack_sample",)),
-        "attack_indices": spec((m,), "int64", ("attack_sample",)),
-    }
-    for defence, suite in tasks:
-        if suite == "clean":
-            arrays[f"{defence}_probs"] = spec((n, classes), "float32", ("sample", "class"))
-        elif suite == "ood":
-            for name in (data.spec(setup.dataset).ood, "uniform", "gaussian"):
-                arrays[f"{defence}_ood_{name}"] = spec((n, classes), "float32", ("sample", "class"))
-        elif suite == "consistency":
-            arrays[f"{defence}_shifted"] = spec((2, 2 * setup.config.max_shift + 1, n), "int16", ("axis", "shift", "sample"))
-        elif suite == "corruptions":
-            count = len(assets.read(assets.open_asset(setup.corrupt, stage="corrupt"), "labels"))
-            arrays[f"{defence}_corrupted"] = spec((len(corrupt_attrs["corruptions"]), count), "int16", ("corruption", "corrupt_sample"))
-            arrays[f"{defence}_uncorrupted"] = spec((count,), "int16", ("corrupt_sample",))
-            arrays["corrupt_labels"] = spec((count,), "int64", ("corrupt_sample",))
-        elif suite == "certify":
-            arrays["certified"] = spec((min(setup.config.certify_size, m),), "bool", ("certify_sample",))
-        else:
-            eps = len(setup.config.eps(suite))
-            for threat in threats(setup, defence, suite):
-                arrays[f"{defence}_{suite}_{threat}"] = spec((eps, m), "bool", (f"{suite}_eps", "attack_sample"))
-            if defence == "none":
-                shown = min(EXAMPLES, m)
-                arrays[f"examples_{suite}"] = spec((eps, shown, *shape), "uint8", (f"{suite}_eps", "example", "y", "x"))
-                arrays[f"examples_{suite}_predicted"] = spec((eps, shown), "int16", (f"{suite}_eps", "example"))
-    return arrays
-
-
-def with_fixed(work: Callable[[int], assets.Writes], fixed: dict[str, np.ndarray], tasks) -> Callable[[int], assets.Writes]:
-    """`work`, with the arrays every task shares (labels, indices) written by the first unit."""
-
-    def unit(i: int) -> assets.Writes:
-        writes = work(i)
-        if i == 0:
-            writes |= {name: (slice(None), value) for name, value in fixed.items()}
-        return writes
-
-    return unit
+    return assets.build(out, plan, work, force=force, summary=finish, unit_name="task")

@@ -166,4 +166,5 @@ def wilson_interval(correct, total, z: float = 1.959964) -> tuple[np.ndarray, np
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return np.clip(centre - half, 0, 1), np.clip(centre + half, 0, 1)
+    # At 0 (or all) correct the bound is exactly 0 (or 1); the formula leaves a rounding residue.
+    return np.where(k == 0, 0.0, np.clip(centre - half, 0, 1)), np.where(k == n, 1.0, np.clip(centre + half, 0, 1))

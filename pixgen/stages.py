@@ -26,6 +26,7 @@ from .dent import DEFENSES as DENT_DEFENSES
 from .dent import LOSSES as DENT_LOSSES
 from .dent import OPTIMIZERS as DENT_OPTIMIZERS
 from .dent import DentConfig
+from .attacks import ATTACKS
 from .evaluate import ATTACK_SIZE, SUITES, EvalConfig
 from .featvis import FeatvisConfig
 from .fractals import FractalConfig
@@ -215,17 +216,31 @@ def _grid_text(values: tuple[float, ...]) -> str:
     return ",".join(f"{v:g}" for v in values)
 
 
+class AttackGrid(click.ParamType):
+    """NAME=GRID: an attack of pixgen.attacks.ATTACKS and its ε budgets (as EpsGrid); "none": no attack."""
+
+    name = "name=grid"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        name, sep, grid = str(value).partition("=")
+        if name == "none" and not sep:
+            return ("none", ())
+        if not sep or name not in ATTACKS:
+            self.fail(f"expected NAME=GRID with NAME one of {', '.join(ATTACKS)} (e.g. pgd=0:0.5:0.1), or none; got {value!r}", param, ctx)
+        return (name, EpsGrid().convert(grid, param, ctx))
+
+
 @stage("evaluate", output="zarr")
 @click.option("--model", "model_dir", type=click.Path(), required=True, help="Trained model folder (pixgen train).")
 @click.option("--defense", "defenses", default=",".join(EvalConfig.defenses), help=f"Comma-separated defences evaluated around the network: none, {', '.join(DENT_DEFENSES)} (DENT adapting the model only, as published; or the model and the input).")
-@click.option("--suite", "suites", default=",".join(EvalConfig.suites), help=f"Comma-separated suites, from: {', '.join(SUITES)} (corruptions needs --corrupt; certify acts on dual networks only).")
+@click.option("--suite", "suites", default=",".join(EvalConfig.suites), help=f"Comma-separated suites without attacks, from: {', '.join(SUITES)} (corruptions needs --corrupt; certify acts on dual networks only); none for no suite.")
+@click.option("--attack", "attack_grids", type=AttackGrid(), multiple=True, default=EvalConfig.attacks, help=f"An attack and its ε budgets, NAME=GRID (GRID comma-separated or START:STOP:STEP, increasing, in [0, 1]); repeat for several; NAME from: {', '.join(ATTACKS)}; none for no attack. Default: {' '.join(f'{n}={_grid_text(g)}' for n, g in EvalConfig.attacks)}.", show_default=False)
 @click.option("--corrupt", type=click.Path(), default=None, help="Corrupted test set (pixgen corrupt, of the model's dataset) for the corruptions suite.")
 @click.option("--test-size", type=click.IntRange(1), default=EvalConfig.test_size, help="Digits of the suites without attacks: a fixed class-balanced subset of the test split. Default: all of it.")
 @click.option("--attack-size", type=click.IntRange(1), default=EvalConfig.attack_size, help=f"Digits attacked: a fixed class-balanced subset of the test digits. Default: {ATTACK_SIZE}, or all the test digits if fewer.")
-@click.option("--fgsm-eps", type=EpsGrid(), default=_grid_text(EvalConfig.fgsm_eps), help="FGSM budgets: comma-separated, or START:STOP:STEP.")
-@click.option("--pgd-eps", type=EpsGrid(), default=_grid_text(EvalConfig.pgd_eps), help="PGD budgets (40 steps of ε/4 from random starts, best iterate per digit): comma-separated, or START:STOP:STEP.")
-@click.option("--pgd-restarts", type=click.IntRange(1), default=EvalConfig.pgd_restarts, help="PGD random starts; later ones attack only the digits still correct.")
-@click.option("--autoattack-eps", type=EpsGrid(), default=None, help="AutoAttack budgets (official standard version: APGD-CE, APGD-T, FAB-T, Square), with the autoattack suite.")
+@click.option("--pgd-restarts", type=click.IntRange(1), default=EvalConfig.pgd_restarts, help="PGD random starts (40 steps of ε/4, best iterate per digit); later ones attack only the digits still correct.")
 @click.option("--dent-steps", type=click.IntRange(1), default=DentConfig.steps, help="DENT adaptation steps per batch.")
 @click.option("--dent-lr", type=click.FloatRange(0, min_open=True), default=DentConfig.lr, help="DENT learning rate.")
 @click.option("--dent-optimizer", type=click.Choice(DENT_OPTIMIZERS), default=DentConfig.optimizer, help="DENT optimiser.")
@@ -239,7 +254,7 @@ def _grid_text(values: tuple[float, ...]) -> str:
 @click.option("--out", type=click.Path(), default=None, help="Evaluation asset to write. Default: <root>/eval/<model folder name>.zarr.")
 @click.option("--force", is_flag=True, help="Replace an evaluation made with another config or inputs.")
 @click.pass_context
-def evaluate(ctx, model_dir, defenses, suites, corrupt, autoattack_eps, dent_steps, dent_lr, dent_optimizer, dent_loss, dent_batch_size, data_root, out, force, **options):
+def evaluate(ctx, model_dir, defenses, suites, attack_grids, corrupt, dent_steps, dent_lr, dent_optimizer, dent_loss, dent_batch_size, data_root, out, force, **options):
     """Evaluate a network: clean, FGSM/PGD/AutoAttack, corruptions, calibration, OOD detection, consistency, certificate; ± DENT."""
     from .evaluate import run
 
@@ -247,7 +262,8 @@ def evaluate(ctx, model_dir, defenses, suites, corrupt, autoattack_eps, dent_ste
         suites = ",".join(s for s in _names(suites) if s != "corruptions")  # the default takes what it is given
     dent = DentConfig(steps=dent_steps, lr=dent_lr, optimizer=dent_optimizer, loss=dent_loss, batch_size=dent_batch_size)
     config = EvalConfig(
-        suites=_names(suites), defenses=_names(defenses), autoattack_eps=autoattack_eps or (), dent=dent, **options,
+        suites=tuple(s for s in _names(suites) if s != "none"), attacks=tuple(a for a in attack_grids if a[0] != "none"),
+        defenses=_names(defenses), dent=dent, **options,
     )  # fmt: skip
     click.echo(f"output: {run(config, model_dir, out or home() / 'eval' / f'{Path(model_dir).name}.zarr', corrupt, data_root, force)}")
 

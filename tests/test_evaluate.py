@@ -19,7 +19,7 @@ from pixgen.cli import cli
 from pixgen.dent import DentConfig
 from test_dent import trained
 
-SMALL = dict(test_size=60, attack_size=24, batch_size=50, fgsm_eps=(0.0, 0.1), pgd_eps=(0.1,), pgd_restarts=2, adaptive_steps=2)
+SMALL = dict(test_size=60, attack_size=24, batch_size=50, attacks=(("fgsm", (0.0, 0.1)), ("pgd", (0.1,))), pgd_restarts=2, adaptive_steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +76,7 @@ def tiny(folder, tmp_path_factory):
     shutil.copytree(folder, dual)
     meta = json.loads((dual / models.META).read_text())
     (dual / models.META).write_text(json.dumps({**meta, "method": "dual", "eps": 0.01}))
-    suites = tuple(s for s in evaluate.SUITES if s != "autoattack")
-    config = evaluate.EvalConfig(suites=suites, defenses=("none", "dent"), certify_size=5, dent=DentConfig(steps=2, batch_size=12), **SMALL)
+    config = evaluate.EvalConfig(suites=tuple(evaluate.SUITES), defenses=("none", "dent"), certify_size=5, dent=DentConfig(steps=2, batch_size=12), **SMALL)
     return config, dual, corrupt, evaluate.run(config, dual, tmp / "eval.zarr", corrupt)
 
 
@@ -120,14 +119,14 @@ def test_a_rerun_is_a_no_op_and_another_config_needs_force(tiny):
     evaluate.run(config, dual, path, corrupt)
     assert {p: p.stat().st_mtime_ns for p in path.rglob("*")} == before
     with pytest.raises(PixgenError, match="--force"):
-        evaluate.run(evaluate.EvalConfig(suites=("clean",), defenses=("none", "dent"), test_size=60), dual, path)
+        evaluate.run(evaluate.EvalConfig(suites=("clean",), attacks=(), defenses=("none", "dent"), test_size=60), dual, path)
 
 
 def test_killed_after_some_tasks_resumes_to_the_same_outcomes(folder, tmp_path):
-    config = evaluate.EvalConfig(suites=("clean", "fgsm", "pgd"), **SMALL)
+    config = evaluate.EvalConfig(suites=("clean",), **SMALL)
     reference = evaluate.run(config, folder, tmp_path / "reference.zarr")
-    killed = pixgen("evaluate", "--model", folder, "--out", tmp_path / "e.zarr", "--suite", "clean,fgsm,pgd", "--test-size", "60", "--attack-size", "24",
-                    "--batch-size", "50", "--fgsm-eps", "0,0.1", "--pgd-eps", "0.1", "--pgd-restarts", "2", "--adaptive-steps", "2",
+    killed = pixgen("evaluate", "--model", folder, "--out", tmp_path / "e.zarr", "--suite", "clean", "--test-size", "60", "--attack-size", "24",
+                    "--batch-size", "50", "--attack", "fgsm=0,0.1", "--attack", "pgd=0.1", "--pgd-restarts", "2", "--adaptive-steps", "2",
                     env={"PIXGEN_FAULT": "unit1"}, check=False)  # fmt: skip
     assert killed.returncode == -9
     evaluate.run(config, folder, tmp_path / "e.zarr")
@@ -142,7 +141,11 @@ def test_bad_config_values():
     with pytest.raises(PixgenError, match="unknown suite"):
         evaluate.EvalConfig(suites=("clean", "fgsn"))
     with pytest.raises(PixgenError, match="increasing budgets in"):
-        evaluate.EvalConfig(fgsm_eps=(0.1, 0.05))
+        evaluate.EvalConfig(attacks=(("fgsm", (0.1, 0.05)),))
+    with pytest.raises(PixgenError, match="attacks must be distinct names from fgsm, pgd, autoattack"):
+        evaluate.EvalConfig(attacks=(("cw", (0.1,)),))
+    with pytest.raises(PixgenError, match="nothing to evaluate"):
+        evaluate.EvalConfig(suites=(), attacks=())
     with pytest.raises(PixgenError, match="defences must be distinct names"):
         evaluate.EvalConfig(defenses=("none", "tent"))
     with pytest.raises(PixgenError, match="needs a corrupted test set"):
@@ -153,10 +156,11 @@ def test_bad_config_values():
     "args, message",
     [
         (["--suite", "clean,robustness"], "unknown suite robustness"),
-        (["--pgd-eps", "0.1,-0.2"], "increasing budgets in [0, 1]"),
-        (["--fgsm-eps", "0.5:0:0.1"], "START <= STOP"),
-        (["--fgsm-eps", ","], "no ε given"),
-        (["--autoattack-eps", "2"], "increasing budgets in [0, 1]"),
+        (["--attack", "pgd=0.1,-0.2"], "increasing budgets in [0, 1]"),
+        (["--attack", "fgsm=0.5:0:0.1"], "START <= STOP"),
+        (["--attack", "fgsm=,"], "no ε given"),
+        (["--attack", "autoattack=2"], "increasing budgets in [0, 1]"),
+        (["--attack", "cw=0.1"], "expected NAME=GRID with NAME one of fgsm, pgd, autoattack"),
         (["--dent-steps", "0"], "0 is not in the range x>=1"),
         (["--attack-size", "1000000"], "exceeds the 10000 test digits"),
     ],

@@ -135,7 +135,7 @@ def test_cli_bad_pipeline_exits_non_zero_with_one_line(tmp_path):
     assert missing.returncode == 1 and "cannot read pipeline" in missing.stderr
 
 
-@pytest.mark.parametrize("name", ["smoke", "mnist", "paper"])
+@pytest.mark.parametrize("name", ["smoke", "smoke-fashion", "mnist", "paper"])
 def test_shipped_pipelines_are_valid(name):
     stages = pipeline.load(REPO / "pipelines" / f"{name}.yaml")
     assert stages[-1].name == "report"
@@ -169,3 +169,20 @@ def test_a_killed_run_takes_its_stage_with_it_and_a_rerun_finishes(tmp_path):
     proc = pixgen("run", path, "--root", root)
     assert ran(proc) == ["fractals"] and "resuming" in proc.stderr
     assert assets.open_asset(root / "fractals.zarr").attrs["complete"] is True
+
+
+@pytest.mark.slow
+def test_the_smoke_pipeline_runs_on_fashion_mnist(tmp_path):
+    """The dataset flows from --dataset to the models, the shards, the corrupted set and the
+    evaluations, whose natural OOD set is then MNIST."""
+    root = tmp_path / "root"
+    pixgen("run", REPO / "pipelines" / "smoke-fashion.yaml", "--root", root)
+    for name in ("standard", "pixmix", "primal", "dual"):
+        assert json.loads((root / name / "meta.json").read_text())["dataset"] == "fashion-mnist"
+        result = dict(assets.open_asset(root / f"eval-{name}.zarr", stage="evaluate").attrs)
+        assert result["model"]["dataset"] == result["data"]["dataset"] == "fashion-mnist"
+        assert set(result["defenses"]["none"]["ood"]) == {"mnist", "uniform", "gaussian"}
+        assert "fashion-mnist-test" in assets.open_asset(root / f"eval-{name}.zarr").attrs["inputs"]
+    assert assets.open_asset(root / "shards.zarr").attrs["config"]["dataset"] == "fashion-mnist"
+    assert "fashion-mnist-test" in assets.open_asset(root / "fashion-mnist-c.zarr").attrs["inputs"]
+    assert "| standard (standard) | none |" in (root / "report" / "summary.md").read_text()
