@@ -1,10 +1,11 @@
 """Bounds on a network's margins over the L∞ ball ∩ [0, 1]: the maths shared by certified training
 (pixgen.methods) and the certify stage (pixgen.certify).
 
-- `dual_logits` / `dual_certified` / `dual_pass`: Wong & Kolter's dual network (convex-adversarial,
-  `bounded_input=True`: the input set is [max(x−ε, 0), min(x+ε, 1)], tighter and still sound since
-  every image lies in [0, 1]), exact, or estimated with Cauchy random projections for training;
-  its ReLU relaxation uses the fixed slope α = u/(u−l) below each ambiguous unit.
+- `dual_logits` / `dual_certified`: Wong & Kolter's dual network (pixgen.dual, batched; the input
+  set is [max(x−ε, 0), min(x+ε, 1)], tighter and still sound since every image lies in [0, 1]),
+  exact, or estimated with Cauchy random projections for training; its ReLU relaxation uses the
+  fixed slope α = u/(u−l) below each ambiguous unit. `dual_pass` computes the same bound through
+  convex-adversarial's DualNetwork, whose intermediate bounds dual-opt and the LP start from.
 - `optimise_slopes` (dual-opt): the same dual objective by back-substitution, with the lower
   slopes α ∈ [0, 1] of the ambiguous ReLUs (one per digit, class and unit) maximised by projected
   gradient ascent, as α-CROWN does. Every α gives a sound bound; the best seen is kept.
@@ -19,14 +20,13 @@
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import PixgenError
+from . import PixgenError, dual
 
 BOUNDABLE = (nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten)
 ASCENT_LR, ASCENT_DECAY = 0.5, 0.98  # Adam on α with exponential decay, α-CROWN's recipe
@@ -95,15 +95,10 @@ def ibp_certified(model: nn.Sequential, images: torch.Tensor, labels: torch.Tens
 
 
 def dual_logits(model: nn.Sequential, images: torch.Tensor, labels: torch.Tensor, eps: float, projections: int = 0) -> torch.Tensor:
-    """(B, 10) upper bounds on z_j − z_y over the ε-ball ∩ [0, 1] (column y is 0): exact with
-    projections=0, else the random-projection estimate used for training."""
-    from convex_adversarial.dual_network import RobustBounds
-
-    kwargs = {"proj": projections, "norm_type": "l1_median"} if projections else {"norm_type": "l1"}
-    with warnings.catch_warnings():
-        # Raised whenever a layer has no unstable ReLU, which is normal for a robust net.
-        warnings.filterwarnings("ignore", message="ReLU projection has no origin crossing")
-        return RobustBounds(model, eps, bounded_input=True, **kwargs)(images, labels)
+    """(B, K) upper bounds on z_j − z_y over the ε-ball ∩ [0, 1] (column y is 0): exact with
+    projections=0, else the random-projection estimate used for training (pixgen.dual, equal to
+    convex-adversarial's `RobustBounds(bounded_input=True)`, which tests/test_dual.py checks)."""
+    return dual.bounds(model, images, labels, eps, projections)
 
 
 @torch.no_grad()
