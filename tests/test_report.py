@@ -35,7 +35,8 @@ def attack_entry(eps: list[float], outcomes: dict[str, np.ndarray]) -> dict:
     """An attack entry as pixgen evaluate's summary lays it out, from (E, M) outcomes per threat:
     per threat and worst case (the per-digit AND) its accuracies and 95% intervals."""
     entry = {"eps": list(eps)}
-    for threat, correct in {**outcomes, "worst": np.logical_and.reduce(list(outcomes.values()))}.items():
+    worst = np.logical_and.reduce(list(outcomes.values()))
+    for threat, correct in {**dict(sorted(outcomes.items())), "worst": worst}.items():  # by name, as evaluate reads them
         stats = evaluate.interval(correct)
         entry[threat], entry[f"{threat}_interval"] = stats["accuracy"], stats["interval"]
     entry["count"] = outcomes["standard"].shape[1]

@@ -50,10 +50,12 @@ def _colors(evals: list[Evaluation]) -> dict[str, tuple]:
 
 
 def accuracy_figure(evals: list[Evaluation], attack: str, config: ReportConfig, folder: Path) -> Path | None:
-    """Accuracy against ε, one colour per model: solid without defence, dashed DENT's worst case
-    (dash-dot its standard attack), each worst case with its 95% interval as a band, a dotted
-    vertical line at a robust model's training ε. The model legend says what each DENT adapted."""
+    """Accuracy against ε, one colour per model: solid without defence, dashed (dotted) the worst
+    case of its first (second) DENT defence, dash-dot DENT's standard attack alone; each worst case
+    with its 95% interval as a band; a dotted vertical line at a robust model's training ε. The
+    model legend says what each DENT adapted, the line legend which threats a worst case covers."""
     from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     if not any(attack in results for ev in evals for results in ev.doc["defenses"].values()):
         return None
@@ -75,6 +77,7 @@ def accuracy_figure(evals: list[Evaluation], attack: str, config: ReportConfig, 
             if "worst_interval" in entry:
                 band = 100 * np.asarray(entry["worst_interval"])
                 ax.fill_between(eps, band[:, 0], band[:, 1], color=color, alpha=0.12, lw=0)
+                styles["band"] = Patch(color="k", alpha=0.12, lw=0, label="95% interval of the worst case")
             label = "no defence" if defence == "none" else f"{defence}, worst of {', '.join(threats(entry))}"
             styles.setdefault(defence, Line2D([], [], color="k", ls=style[:-1] if len(style) > 2 else style[0], marker=style[-1], ms=4, label=label))
             if defence != "none" and config.dent_standard and "standard" in entry:

@@ -19,6 +19,9 @@ ATTACKS = {"fgsm": "FGSM", "pgd": "PGD-40"}
 EPS_TOL = 1e-9
 # Keys of an attack entry that are not a threat's accuracies (each threat also has `<threat>_interval`).
 NOT_THREATS = ("eps", "count", "worst")
+# The order threats are listed in: the DENT paper's attack first, then the stronger ones. pixgen
+# evaluate stores them by name, so its order says nothing; a threat not named here goes last.
+THREAT_ORDER = ("standard", "transfer", "adaptive", "fixed-point", "eot")
 
 
 # ---------------------------------------------------------------- evaluations
@@ -89,8 +92,9 @@ def row_label(ev: Evaluation, defence: str) -> str:
 
 
 def threats(entry: dict) -> list[str]:
-    """The threats of an attack entry, in the order the evaluation wrote them (standard first)."""
-    return [k for k in entry if k not in NOT_THREATS and not k.endswith("_interval")]
+    """The threats of an attack entry, in THREAT_ORDER."""
+    found = [k for k in entry if k not in NOT_THREATS and not k.endswith("_interval")]
+    return sorted(found, key=lambda t: THREAT_ORDER.index(t) if t in THREAT_ORDER else len(THREAT_ORDER))
 
 
 def eps_index(eps_list, eps: float) -> int | None:
