@@ -168,3 +168,20 @@ def wilson_interval(correct, total, z: float = 1.959964) -> tuple[np.ndarray, np
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     # At 0 (or all) correct the bound is exactly 0 (or 1); the formula leaves a rounding residue.
     return np.where(k == 0, 0.0, np.clip(centre - half, 0, 1)), np.where(k == n, 1.0, np.clip(centre + half, 0, 1))
+
+
+def mcnemar(a_correct, b_correct) -> tuple[int, int, float]:
+    """Exact McNemar test of two classifiers on the same samples (bool arrays, one per sample):
+    (a_only, b_only, p) where a_only counts samples only A gets right, b_only those only B gets
+    right, and p is the two-sided binomial test of a_only among the a_only + b_only discordant
+    samples at 1/2. Samples both get right, or both wrong, say nothing about which is better, so
+    only the discordant ones count; with none, p is 1."""
+    from scipy.stats import binomtest
+
+    a, b = np.asarray(a_correct, bool), np.asarray(b_correct, bool)
+    if a.shape != b.shape:
+        raise ValueError(f"need outcomes on the same samples, got shapes {a.shape} and {b.shape}")
+    a_only, b_only = int(np.sum(a & ~b)), int(np.sum(b & ~a))
+    if a_only + b_only == 0:
+        return 0, 0, 1.0
+    return a_only, b_only, float(binomtest(a_only, a_only + b_only, 0.5).pvalue)

@@ -117,3 +117,17 @@ def test_wilson_interval_matches_known_values():
     assert abs(lo - 0.2553) < 5e-4 and abs(hi - 0.3662) < 5e-4
     lo, hi = metrics.wilson_interval(np.array([0, 500]), 500)
     assert lo[0] == 0 and 0.005 < hi[0] < 0.01 and 0.99 < lo[1] < 0.995 and hi[1] == 1
+
+
+def test_mcnemar_counts_the_discordant_digits_and_tests_them_exactly():
+    # A right on digits 0-3, B on 2-7: A alone on 0-1 (2), B alone on 4-7 (4); 8-9 both wrong.
+    a = np.arange(10) < 4
+    b = (np.arange(10) >= 2) & (np.arange(10) < 8)
+    # Two-sided exact test of 2 of 6 at 1/2: 2 · P(X ≤ 2) = 2 · (1 + 6 + 15) / 64.
+    assert metrics.mcnemar(a, b) == (2, 4, pytest.approx(44 / 64))
+    assert metrics.mcnemar(b, a) == (4, 2, pytest.approx(44 / 64))  # symmetric
+    # 0 of 5 discordant for A: 2 · 1/32; concordant digits (both right) change nothing.
+    assert metrics.mcnemar(np.r_[np.zeros(5, bool), np.ones(50, bool)], np.ones(55, bool)) == (0, 5, pytest.approx(2 / 32))
+    assert metrics.mcnemar(a, a) == (0, 0, 1.0)  # no discordant digit: no evidence either way
+    with pytest.raises(ValueError, match="same samples"):
+        metrics.mcnemar(a, a[:5])

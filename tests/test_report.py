@@ -6,6 +6,7 @@ bad inputs."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -15,69 +16,103 @@ import numpy as np
 import pytest
 
 from conftest import pixgen
-from pixgen import PixgenError, assets, methods, models, report
+from pixgen import PixgenError, assets, evaluate, methods, metrics, models, report
+from pixgen.report.load import pairs, threats
 
 EPS = [0.0, 0.1, 0.2, 0.3]
 CORRUPTIONS = ["shot_noise", "rotate", "fog"]
+ATTACK_DIGITS = 200  # every accuracy of the docs below is a whole number of them
+THREATS = {"fgsm": ("standard", "transfer"), "pgd": ("standard", "transfer", "adaptive", "fixed-point", "eot")}  # DENT's, as pixgen evaluate runs them
+VARIANTS = {"bn": "bn", "affine": "channel-affine (BN-free generalisation)"}  # pixgen.dent.VARIANTS
 
 
-def evaluation(model_path, method, clean, fgsm, ece, fpr95, dent=True, certify=None, eps=None) -> dict:
-    """The results of a pixgen evaluate asset, with known numbers (DENT slightly better everywhere)."""
+def right(accuracy: float, n: int = ATTACK_DIGITS) -> np.ndarray:
+    """Outcomes of n digits with the first round(accuracy · n) right."""
+    return np.arange(n) < round(accuracy * n)
 
-    def defense(shift):
+
+def attack_entry(eps: list[float], outcomes: dict[str, np.ndarray]) -> dict:
+    """An attack entry as pixgen evaluate's summary lays it out, from (E, M) outcomes per threat:
+    per threat and worst case (the per-digit AND) its accuracies and 95% intervals."""
+    entry = {"eps": list(eps)}
+    worst = np.logical_and.reduce(list(outcomes.values()))
+    for threat, correct in {**dict(sorted(outcomes.items())), "worst": worst}.items():  # by name, as evaluate reads them
+        stats = evaluate.interval(correct)
+        entry[threat], entry[f"{threat}_interval"] = stats["accuracy"], stats["interval"]
+    entry["count"] = outcomes["standard"].shape[1]
+    return entry
+
+
+def evaluation(model_path, method, clean, fgsm, ece, fpr95, dent=("dent",), certify=None, eps=None, variant="bn", warnings=()) -> dict:
+    """The results of a pixgen evaluate asset, with known numbers (each DENT defence slightly
+    better everywhere: dent by 1 point, dent-input by half a point); accuracies and intervals
+    laid out as evaluate writes them, from outcomes where the first digits are right."""
+
+    def defense(name, shift):
         curve = [min(1.0, v + shift) for v in fgsm]
-        results = {
-            "clean": {"accuracy": clean},
-            "fgsm": {"eps": EPS, "standard": curve, "worst": curve},
-            "pgd": {"eps": [0.0, 0.2], "standard": [clean, curve[2] / 2], "worst": [clean, curve[2] / 2]},
+        ran = {a: ("standard",) if name == "none" else t for a, t in THREATS.items()}
+        return {
+            "clean": evaluate.interval(right(clean, 100)),  # the test digits: 100
+            "fgsm": attack_entry(EPS, {t: np.stack([right(v) for v in curve]) for t in ran["fgsm"]}),
+            "pgd": attack_entry([0.0, 0.2], {t: np.stack([right(clean), right(curve[2] / 2)]) for t in ran["pgd"]}),
             "corruptions": {"count": 10, "identity_accuracy": clean, "accuracy": {n: clean - 0.1 * i for i, n in enumerate(CORRUPTIONS)}, "mean": clean - 0.1, "mean_without_affine": clean - 0.1},
             "calibration": {"rms": ece / 2, "ece": ece, "bins": {"edges": [0, 0.5, 1], "count": [0, 100], "confidence": [None, clean + ece], "accuracy": [None, clean]}},
             "ood": {"uniform": {"auroc": 1 - fpr95 / 2, "aupr": 0.9, "fpr95": fpr95, "roc": {"fpr": [0, fpr95, 1], "tpr": [0, 0.95, 1]}}},
             "consistency": {"max_shift": 2, "consistency": 0.9, "flip_rate": 0.03},
         }
-        if shift:
-            results["fgsm"].update(transfer=curve, adaptive=curve)
-        return results
 
-    defenses = {"none": defense(0.0)}
+    defenses = {"none": defense("none", 0.0)}
     if certify is not None:
-        defenses["none"]["certify"] = {"eps": 0.1, "count": 10, "accuracy": certify}
-    if dent:
-        defenses["dent"] = defense(0.01)
+        defenses["none"]["certify"] = {"eps": 0.1, "count": 10, "accuracy": certify, "interval": evaluate.interval(right(certify, 10))["interval"]}
+    for name in dent:
+        defenses[name] = defense(name, {"dent": 0.01, "dent-input": 0.005}[name])
     return {
-        "model": {"path": str(model_path), "arch": "wk-small", "method": method, "config_hash": "0", "weights_hash": "0", "eps": eps},
+        "model": {"path": str(model_path), "arch": "wk-small", "method": method, "config_hash": "0", "weights_hash": "0", "eps": eps, "dent_variants": {d: VARIANTS[variant] for d in dent}},
         "data": {"test_count": 100, "test_identity": "abc"},
         "device": "cpu",
         "seconds": 1.0,
         "defenses": defenses,
-        "warnings": [],
+        "warnings": list(warnings),
     }
 
 
-def evaluation_asset(path: Path, doc: dict) -> Path:
-    """An evaluate asset holding `doc` as its results, with stored adversarial digits (6 attack
-    digits; FGSM at every ε of the doc)."""
+def evaluation_asset(path: Path, doc: dict, attack_indices=None, outcomes=None) -> Path:
+    """An evaluate asset holding `doc` as its results, with the per-digit outcomes behind its attack
+    entries (`<defence>_<attack>_<threat>`: the first digits right, unless `outcomes` gives them),
+    the attack digits' indices (0 … 199 unless given) and stored adversarial digits (6 attack
+    digits; FGSM at every ε)."""
     rng = np.random.default_rng(len(str(path)))
     eps = len(doc["defenses"]["none"]["fgsm"]["eps"])
     arrays = {
-        "attack_labels": np.arange(6, dtype=np.int64),
+        "attack_labels": np.arange(ATTACK_DIGITS, dtype=np.int64) % 10,
+        "attack_indices": np.arange(ATTACK_DIGITS, dtype=np.int64) if attack_indices is None else np.asarray(attack_indices, np.int64),
         "examples_fgsm": rng.integers(0, 256, (eps, 6, 28, 28), dtype=np.uint8),
         "examples_fgsm_predicted": rng.integers(0, 10, (eps, 6)).astype(np.int16),
     }
+    for defence, results in doc["defenses"].items():
+        for attack in ("fgsm", "pgd"):
+            for threat in threats(results[attack]):
+                arrays[f"{defence}_{attack}_{threat}"] = np.stack([right(v) for v in results[attack][threat]])
+    arrays |= outcomes or {}
     return assets.save_arrays(path, "evaluate", {"test": path.name}, arrays, attrs=doc)
 
 
 @pytest.fixture(scope="module")
 def evals(tmp_path_factory) -> list[Path]:
     """Three evaluations: pgd-net is the most robust, pixmix-net the best calibrated and best at
-    OOD, std-net and pixmix-net tie on clean accuracy; pgd-net was trained at ε 0.3."""
+    OOD, std-net and pixmix-net tie on clean accuracy; pgd-net was trained at ε 0.3 and is
+    BN-free (both its DENT defences adapt the channel-affine generalisation); std-net's DENT adapts
+    BatchNorm and its evaluation recorded a sanity warning."""
     root = tmp_path_factory.mktemp("evals")
     docs = {
-        "std-net": evaluation(root / "models" / "std-net", "standard", 0.99, [0.99, 0.4, 0.05, 0.0], ece=0.02, fpr95=0.5),
-        "pixmix-net": evaluation(root / "models" / "pixmix-net", "pixmix", 0.99, [0.99, 0.5, 0.1, 0.01], ece=0.005, fpr95=0.1, dent=False),
-        "pgd-net": evaluation(root / "models" / "pgd-net", "pgd", 0.97, [0.97, 0.95, 0.9, 0.85], ece=0.03, fpr95=0.6, certify=0.8, eps=0.3),
+        "std-net": evaluation(root / "models" / "std-net", "standard", 0.99, [0.99, 0.4, 0.05, 0.0], ece=0.02, fpr95=0.5, warnings=[WARNING]),
+        "pixmix-net": evaluation(root / "models" / "pixmix-net", "pixmix", 0.99, [0.99, 0.5, 0.1, 0.01], ece=0.005, fpr95=0.1, dent=()),
+        "pgd-net": evaluation(root / "models" / "pgd-net", "pgd", 0.97, [0.97, 0.95, 0.9, 0.85], ece=0.03, fpr95=0.6, certify=0.8, eps=0.3, dent=("dent", "dent-input"), variant="affine"),
     }
     return [evaluation_asset(root / f"{name}.zarr", doc) for name, doc in docs.items()]
+
+
+WARNING = "dent: fgsm: accuracy rises from 6.0% at ε 0.2 to 7.0% at ε 0.3"
 
 
 def eval_args(evals: list[Path]) -> list:
@@ -120,26 +155,126 @@ def table(summary: str, which: int = 0) -> tuple[list[str], list[list[str]]]:
 
 def test_summary_marks_the_best_of_every_model_in_its_direction(built):
     header, rows = table((built / "summary.md").read_text())
+    # Each DENT defence says what it adapted: std-net's BatchNorm, BN-free pgd-net's channel-affine layers.
     assert [(r[0], r[1]) for r in rows] == [
-        ("std-net (standard)", "none"), ("std-net (standard)", "dent"), ("pixmix-net (pixmix)", "none"),
-        ("pgd-net (pgd)", "none"), ("pgd-net (pgd)", "dent"),
+        ("std-net (standard)", "none"), ("std-net (standard)", "dent (BN)"), ("pixmix-net (pixmix)", "none"),
+        ("pgd-net (pgd)", "none"), ("pgd-net (pgd)", "dent (channel-affine, no BN)"), ("pgd-net (pgd)", "dent-input (channel-affine, no BN)"),
     ]  # fmt: skip
 
     def bold(column: str) -> set[tuple[str, str]]:
         i = next(k for k, h in enumerate(header) if h.startswith(column))
-        return {(r[0].split()[0], r[1]) for r in rows if r[i].startswith("**")}
+        return {(r[0].split()[0], r[1].split()[0]) for r in rows if r[i].startswith("**")}
 
     assert bold("clean acc.") == {("pixmix-net", "none"), ("std-net", "none"), ("std-net", "dent")}  # ties at 99.0 all count
-    assert bold("FGSM ε=0.3") == {("pgd-net", "dent")}  # higher is better
+    assert bold("FGSM ε=0.3") == {("pgd-net", "dent")}  # higher is better (dent-input: 85.5)
     assert bold("ECE") == {("pixmix-net", "none")}  # lower is better
     assert bold("uniform FPR95") == {("pixmix-net", "none")}
     assert bold("certified ε=0.1") == set()  # one value: nothing to compare
     assert any(h.startswith("ECE (%) ↓") for h in header) and any(h.startswith("clean acc. (%) ↑") for h in header)
     certified = header.index("certified ε=0.1 (%) ↑")
-    assert [r[certified] for r in rows] == ["—", "—", "—", "80.0", "—"]
+    lo, hi = metrics.wilson_interval(8, 10)
+    assert [r[certified] for r in rows] == ["—", "—", "—", f"80.0 [{100 * lo:.1f}, {100 * hi:.1f}]", "—", "—"]
     assert not any(h.startswith("PGD-40 ε=0.1") for h in header)  # no evaluation ran it: no empty column
     html = (built / "index.html").read_text()
     assert html.count('class="best"') == sum(r.count("**") // 2 for r in (" ".join(row) for row in rows))
+
+
+def cell(summary: str, row: int, column: str) -> str:
+    header, rows = table(summary)
+    return rows[row][next(k for k, h in enumerate(header) if h.startswith(column))]
+
+
+def test_every_accuracy_shows_its_95_percent_interval(built):
+    summary, page = (built / "summary.md").read_text(), (built / "index.html").read_text()
+
+    def shown(k: int, n: int) -> str:
+        lo, hi = metrics.wilson_interval(k, n)
+        return f"[{100 * lo:.1f}, {100 * hi:.1f}]"
+
+    assert cell(summary, 0, "clean acc.") == f"**99.0** {shown(99, 100)}"  # std-net: 99 of its 100 test digits
+    assert cell(summary, 4, "FGSM ε=0.3") == f"**86.0** {shown(172, 200)}"  # pgd-net + dent: worst case, 172 of 200 attack digits
+    assert cell(summary, 2, "PGD-40 ε=0.2") == f"5.0 {shown(10, 200)}"
+    assert "[" not in cell(summary, 0, "ECE") and "[" not in cell(summary, 0, "MNIST-C mean")  # not accuracies of counted digits
+    assert "[lo, hi]: the 95% Wilson interval" in summary and "[lo, hi]: the 95% Wilson interval" in page
+    assert f'<b>86.0</b> <span class="ci">{shown(172, 200)}</span>' in page
+
+
+def test_warnings_dent_threats_and_variants_are_named(built):
+    summary, page = (built / "summary.md").read_text(), (built / "index.html").read_text()
+    row, text = "std-net (standard) + dent (BN)", WARNING.removeprefix("dent: ")
+    assert f"- {row}: {text}" in summary
+    assert summary.index(f"- {row}") > summary.index("| pgd-net (pgd) | dent-input")  # under the table
+    warnings = page[page.index('id="warnings"') :]
+    assert f"<b>{row}</b>: {text}" in warnings[: warnings.index("</div>")]
+    # The threats of DENT's worst case, as the evaluations ran them, not a fixed list.
+    threats_note = "FGSM: standard, transfer; PGD-40: standard, transfer, adaptive, fixed-point, eot."
+    assert threats_note in summary and threats_note in page
+    assert "standard, transfer and adaptive" not in summary
+    # Figure legends (SVG text, kept as comments beside its glyphs) name each DENT with its variant.
+    legend = (built / "fgsm_accuracy.svg").read_text()
+    assert "pgd-net (pgd); dent (channel-affine, no BN); dent-input (channel-affine, no BN)" in legend
+    assert "std-net (standard); dent (BN)" in legend and "dent-input, worst of standard, transfer" in legend
+    assert "std-net (standard) + dent (BN)" in (built / "mnist_c.svg").read_text()
+
+
+def test_paired_tests_cover_each_defence_across_models_and_dent_against_none(built):
+    header, rows = table((built / "summary.md").read_text(), 1)
+    assert header == ["A", "B", "attack", "ε", "A only", "B only", "p", "verdict"]
+    std, pix, pgd = "std-net (standard)", "pixmix-net (pixmix)", "pgd-net (pgd)"
+    pairs = [(std, f"{std} + dent (BN)"), (std, pix), (std, pgd), (f"{std} + dent (BN)", f"{pgd} + dent (channel-affine, no BN)"), (pix, pgd),
+             (pgd, f"{pgd} + dent (channel-affine, no BN)"), (pgd, f"{pgd} + dent-input (channel-affine, no BN)")]  # fmt: skip
+    assert list(dict.fromkeys((r[0], r[1]) for r in rows)) == pairs
+    # Per pair, FGSM at the three table ε and PGD-40 at the one it ran; nested outcomes (the first
+    # digits right), so the better row holds every discordant digit.
+    assert len(rows) == len(pairs) * 4
+    by = {(r[0], r[1], r[2], r[3]): r[4:] for r in rows}
+    assert by[(std, f"{std} + dent (BN)", "FGSM", "0.1")] == ["0", "2", "0.5", "no significant difference"]  # 80 against 82 digits
+    assert by[(std, pgd, "FGSM", "0.1")][:2] == ["0", "110"] and by[(std, pgd, "FGSM", "0.1")][3] == f"{pgd} is ahead of {std}"
+
+
+@pytest.fixture(scope="module")
+def paired(tmp_path_factory) -> tuple[str, str]:
+    """a-net and b-net on the same 200 attack digits, their FGSM outcomes set by hand; c-net on
+    other digits. Both right on digits 0-19 at every ε > 0, and then: at ε 0.1 a-net alone on 40
+    digits, b-net alone on 5; at 0.2, 6 and 3; at 0.3, 5 and 40."""
+    root = tmp_path_factory.mktemp("paired")
+
+    def right_on(*spans) -> np.ndarray:
+        out = np.zeros(ATTACK_DIGITS, bool)
+        for lo, hi in [(0, 20), *spans]:
+            out[lo:hi] = True
+        return out
+
+    outcomes = {
+        "a-net": np.stack([right(0.99), right_on((20, 60)), right_on((70, 76)), right_on((100, 105))]),
+        "b-net": np.stack([right(0.99), right_on((60, 65)), right_on((80, 83)), right_on((110, 150))]),
+        "c-net": np.stack([right(0.99), right_on(), right_on(), right_on()]),
+    }
+    paths = []
+    for name, fgsm in outcomes.items():
+        doc = evaluation(root / name, "standard", 0.99, [0.99, 0.3, 0.2, 0.1], ece=0.02, fpr95=0.5, dent=())
+        doc["defenses"]["none"]["fgsm"] = attack_entry(EPS, {"standard": fgsm})
+        indices = np.arange(ATTACK_DIGITS) + (name == "c-net")
+        paths.append(evaluation_asset(root / f"{name}.zarr", doc, indices, {"none_fgsm_standard": fgsm}))
+    index = report.run(report.ReportConfig(), paths, root / "report")
+    return (index.parent / "summary.md").read_text(), index.read_text()
+
+
+def test_who_is_ahead_only_where_the_exact_mcnemar_test_says_so(paired):
+    summary, page = paired
+    header, rows = table(summary, 1)
+    assert {(r[0], r[1]) for r in rows} == {("a-net (standard)", "b-net (standard)")}  # c-net attacked other digits
+    fgsm = {r[3]: r[4:] for r in rows if r[2] == "FGSM"}
+    # Two-sided exact binomial test of the discordant digits at 1/2: 2 · P(X ≤ 5), X ~ B(45, 1/2); 2 · P(X ≤ 3), X ~ B(9, 1/2).
+    p45 = 2 * sum(math.comb(45, k) for k in range(6)) / 2**45
+    p9 = 2 * sum(math.comb(9, k) for k in range(4)) / 2**9
+    assert fgsm["0.1"] == ["40", "5", f"{p45:.2g}", "a-net (standard) is ahead of b-net (standard)"]
+    assert fgsm["0.2"] == ["6", "3", f"{p9:.2g}", "no significant difference"]  # p ≈ 0.51
+    assert fgsm["0.3"] == ["5", "40", f"{p45:.2g}", "b-net (standard) is ahead of a-net (standard)"]
+    paired_html = page[page.index('id="paired"') :]
+    assert "a-net (standard) is ahead of b-net (standard)" in paired_html and f"<td>{p45:.2g}</td>" in paired_html
+    assert "not corrected for the number of tests" in summary
+    assert "Sanity checks (pixgen evaluate): no warning." in summary  # none recorded: said so, not left blank
 
 
 def test_figures_and_grids_are_written_as_png_and_svg(built):
@@ -247,7 +382,7 @@ def certified(tmp_path_factory) -> dict:
         paths[name] = root / f"{name}.zarr"
         result = CliRunner().invoke(cli, ["certify", "--model", str(model), "--eps", str(CERT_EPS), "--method", method, "--count", "4", "--out", str(paths[name])])
         assert result.exit_code == 0, result.output
-    doc = evaluation(net, "ibp", 0.7, [0.7, 0.3, 0.1, 0.0], ece=0.05, fpr95=0.5, dent=False)
+    doc = evaluation(net, "ibp", 0.7, [0.7, 0.3, 0.1, 0.0], ece=0.05, fpr95=0.5, dent=())
     doc["model"]["weights_hash"] = models.weights_hash(models.load(net)[0])
     return {"root": root, "eval": evaluation_asset(root / "ibp-net.zarr", doc), "raw": models.weights_hash(models.load(root / "raw-net")[0]), **paths}
 
@@ -293,14 +428,14 @@ def test_bounds_figure_pairs_the_lp_with_the_dual_bounds_by_digit(certified):
     import zarr
 
     lp, dual, opt = (zarr.open_group(str(certified[n]), mode="r") for n in ("lp", "dual", "dual-opt"))
-    x, y = report._pairs(lp, dual)
+    x, y = pairs(lp, dual)
     assert len(x) == 4 * 9  # the same 4 digits in both, nine wrong classes each
     assert (y <= x + 1e-6).all() and (x - y).max() > 1e-3  # dual below the diagonal, visibly
-    x, y = report._pairs(lp, opt)
+    x, y = pairs(lp, opt)
     assert np.abs(x - y).max() < 1e-2  # dual-opt on it
     # Matched by test-split index, not by position: the digits in another order pair the same bounds,
     # and digits only one asset holds are left out.
     flipped = {"indices": dual["indices"][:][::-1], "bounds": dual["bounds"][:][::-1]}
-    assert np.array_equal(report._pairs(lp, flipped)[1], report._pairs(lp, dual)[1])
+    assert np.array_equal(pairs(lp, flipped)[1], pairs(lp, dual)[1])
     fewer = {"indices": dual["indices"][:2], "bounds": dual["bounds"][:2]}
-    assert len(report._pairs(lp, fewer)[0]) == 2 * 9
+    assert len(pairs(lp, fewer)[0]) == 2 * 9
