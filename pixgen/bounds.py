@@ -10,7 +10,8 @@
   slopes α ∈ [0, 1] of the ambiguous ReLUs (one per digit, class and unit) maximised by projected
   gradient ascent, as α-CROWN does. Every α gives a sound bound; the best seen is kept.
 - `lp_margins`: the primal linear programme of the same relaxation, every ambiguous ReLU replaced
-  by its triangle hull over [l, u], solved by HiGHS. The intermediate bounds [l, u] of all three
+  by its triangle hull over [l, u], solved by HiGHS; the bound reported is HiGHS's dual objective
+  (`lp_dual_objective`), valid within its dual feasibility tolerance. The intermediate bounds [l, u] of all three
   come from the one dual pass, so they relax the same set: weak duality gives dual ≤ dual-opt ≤
   lp, and with the α's at their optimum dual-opt reaches lp (strong duality of the LP).
 - `interval_margins`: interval bounds (Gowal et al. 2018), the last linear layer folded into the
@@ -294,5 +295,20 @@ def lp_margins(affine, x_lo: np.ndarray, x_hi: np.ndarray, bounds, label: int) -
                 break
         else:
             raise PixgenError(f"HiGHS did not solve the LP of class {j} (status {result.status}: {result.message})")
-        margins[j] = result.fun + bias[label] - bias[j]
+        margins[j] = lp_dual_objective(result, b_ub, b_eq, var_bounds) + bias[label] - bias[j]
     return margins
+
+
+def lp_dual_objective(result, b_ub, b_eq, var_bounds: np.ndarray) -> float:
+    """HiGHS's dual objective of a solved `linprog` minimisation, from its marginals (the duals of
+    the inequality and equality rows and of the variables' bounds): by weak duality a lower bound
+    on the LP's minimum for any dual-feasible point, so valid within HiGHS's dual feasibility
+    tolerance, where the primal objective is only an upper bound on it within the primal one."""
+    total = float(b_eq @ result.eqlin.marginals)
+    if b_ub is not None:
+        total += float(b_ub @ result.ineqlin.marginals)
+    for bound, duals in ((var_bounds[:, 0], result.lower.marginals), (var_bounds[:, 1], result.upper.marginals)):
+        # An infinite bound has a zero dual; skip it rather than make inf · 0.
+        active = duals != 0
+        total += float(bound[active] @ duals[active])
+    return total

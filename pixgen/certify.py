@@ -102,7 +102,10 @@ def run(config: CertifyConfig, model_dir: str | Path, out: str | Path, data_root
         },
         units=-(-n // c),
         inputs={"model": weights, f"{dataset}-test": data.identity(images, labels)},
-        attrs={"model_arch": meta["arch"], "model_config_hash": meta["config_hash"], "true_class_bound": "+inf"},
+        attrs={
+            "model_arch": meta["arch"], "model_config_hash": meta["config_hash"], "true_class_bound": "+inf",
+            **({"lp_bound": "HiGHS's dual objective (a lower bound within its dual feasibility tolerance, 1e-7)"} if config.method == "lp" else {}),
+        },  # fmt: skip
     )
 
     def work(unit: int) -> assets.Writes:

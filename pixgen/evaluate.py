@@ -299,18 +299,39 @@ ONLY_STATIC = ("certify",)  # a certificate means nothing for a network that cha
 
 
 def ood_names(dataset: str) -> tuple[str, ...]:
-    return (data.spec(dataset).ood, "uniform", "gaussian")
+    return (data.spec(dataset).ood, "uniform", "gaussian", "bernoulli", "blobs", "inverted", "blended")
 
 
 def ood_sets(n: int, seed: int, data_root, dataset: str = "mnist") -> dict[str, np.ndarray]:
-    """Out-of-distribution inputs, n each: the dataset's natural OOD set (MNIST's is Fashion-MNIST
-    and the other way round; a fixed class-balanced subset of its test split), uniform noise
-    U(0, 1) and Gaussian noise N(0.5, 0.5²) clipped to [0, 1] (float pixels, seeded)."""
+    """Out-of-distribution inputs, n each (float pixels in [0, 1], seeded), the sets Hendrycks'
+    outlier-exposure code uses for MNIST that can be made offline: the dataset's natural OOD set
+    (MNIST's is Fashion-MNIST and the other way round; a fixed class-balanced subset of its test
+    split); uniform noise U(0, 1); Gaussian N(0.5, 0.5²) clipped; Bernoulli(0.5) pixels (0 or 1);
+    blobs (Bernoulli(0.7) blurred with σ 1.5 px, below 0.75 set to 0); the dataset's own test images
+    inverted (1 − x) and blended (the mean of two test images of different classes)."""
+    from scipy.ndimage import gaussian_filter
+
     spec = data.spec(dataset)
-    natural, labels = data.load(spec.ood, "test", data_root)
-    uniform = np.random.default_rng(np.random.SeedSequence([seed, 1])).random((n, *spec.shape), dtype=np.float32)
-    gaussian = np.random.default_rng(np.random.SeedSequence([seed, 2])).normal(0.5, 0.5, (n, *spec.shape)).astype(np.float32)
-    return {spec.ood: natural[data.balanced_subset(labels, min(n, len(labels)), SUBSET_SEED)], "uniform": uniform, "gaussian": np.clip(gaussian, 0, 1)}
+    shape = (n, *spec.shape)
+    rng = {name: np.random.default_rng(np.random.SeedSequence([seed, k])) for k, name in enumerate(ood_names(dataset)) if k}
+    natural, natural_labels = data.load(spec.ood, "test", data_root)
+    own, own_labels = data.load(dataset, "test", data_root)
+    own = own.astype(np.float32)[:, None] / 255
+    blobs = gaussian_filter(rng["blobs"].binomial(1, 0.7, shape).astype(np.float32), sigma=(0, 0, 1.5, 1.5))
+    first = rng["blended"].integers(0, len(own_labels), n)
+    second = rng["blended"].integers(0, len(own_labels), n)
+    # A blend of one class with itself is that class: redraw the partner until the classes differ.
+    while (same := own_labels[first] == own_labels[second]).any():
+        second[same] = rng["blended"].integers(0, len(own_labels), int(same.sum()))
+    return {
+        spec.ood: natural[data.balanced_subset(natural_labels, min(n, len(natural_labels)), SUBSET_SEED)],
+        "uniform": rng["uniform"].random(shape, dtype=np.float32),
+        "gaussian": np.clip(rng["gaussian"].normal(0.5, 0.5, shape), 0, 1).astype(np.float32),
+        "bernoulli": rng["bernoulli"].binomial(1, 0.5, shape).astype(np.float32),
+        "blobs": np.where(blobs < 0.75, 0, blobs).astype(np.float32),
+        "inverted": 1 - own[rng["inverted"].permutation(len(own))[:n]],
+        "blended": (own[first] + own[second]) / 2,
+    }
 
 
 def training_eps(meta: dict) -> float:

@@ -201,3 +201,20 @@ def test_bad_ibp_training_inputs_are_one_clear_line(tmp, extra, message):
     result = CliRunner().invoke(cli, ["train", "--method", "ibp", "--out", str(tmp / "bad"), "--train-size", "100", "--test-size", "100", *extra])
     assert result.exit_code == 1 and message in result.output, result.output
     assert result.output.count("\n") == 1 and not (tmp / "bad").exists()
+
+
+def test_lp_bound_is_the_dual_objective():
+    """min x0 + 2 x1 s.t. x0 + x1 ≥ 1, x0 − x1 = 0.2, 0 ≤ x ≤ 5: x = (0.6, 0.4), value 1.4; its dual
+    (y_ub ≤ 0 for −x0 − x1 ≤ −1, y_eq free) gives the same 1.4 from b·y alone."""
+    from scipy.optimize import linprog
+
+    b_ub, b_eq, box = np.array([-1.0]), np.array([0.2]), np.array([[0.0, 5.0], [0.0, 5.0]])
+    result = linprog([1.0, 2.0], A_ub=[[-1.0, -1.0]], b_ub=b_ub, A_eq=[[1.0, -1.0]], b_eq=b_eq, bounds=box, method="highs")
+    assert abs(result.fun - 1.4) < 1e-9
+    assert abs(bounds.lp_dual_objective(result, b_ub, b_eq, box) - 1.4) < 1e-9
+    # min −x0 − x1 s.t. x0 + 2 x1 ≤ 4, x0 − x1 = −1, 0 ≤ x0 ≤ 0.5: the bound on x0 binds (x = (0.5,
+    # 1.5), value −2, the row does not), so its dual carries part of the objective.
+    b_ub, b_eq, box = np.array([4.0]), np.array([-1.0]), np.array([[0.0, 0.5], [0.0, 5.0]])
+    result = linprog([-1.0, -1.0], A_ub=[[1.0, 2.0]], b_ub=b_ub, A_eq=[[1.0, -1.0]], b_eq=b_eq, bounds=box, method="highs")
+    assert abs(result.fun + 2.0) < 1e-9 and result.upper.marginals[0] != 0
+    assert abs(bounds.lp_dual_objective(result, b_ub, b_eq, box) + 2.0) < 1e-9

@@ -26,8 +26,9 @@ STAGES = {
     "corrupt": ["corrupt", "--count", "20"],
     "featvis": ["featvis", "--model", "{model}", "--count", "4", "--steps", "4", "--min-ratio", "0"],
     "certify": ["certify", "--model", "{model}", "--method", "ibp", "--eps", "0.05", "--count", "20", "--chunk", "10"],
+    "evaluate": ["evaluate", "--model", "{model}", "--suite", "clean,ood", "--attack", "fgsm=0,0.1", "--test-size", "50", "--attack-size", "20"],
 }
-TIMINGS = {"seconds", "seconds_per_digit"}
+TIMINGS = {"seconds", "seconds_per_digit"}  # and an evaluation's `seconds` attribute
 POINTS = ["setup", "layout", "unit0", "units-done"]
 
 
@@ -72,7 +73,7 @@ def test_every_asset_opens_in_xarray_as_a_labelled_dataset(built):
     for stage, path in built.items():
         ds = xarray.open_zarr(path, consolidated=False)
         assert ds.attrs["stage"] == stage and ds.attrs["complete"] is True
-        assert "sample" in ds["images" if "images" in ds else "bounds"].dims
+        assert "sample" in ds[next(name for name in ("images", "bounds", "none_probs") if name in ds)].dims
     shards = xarray.open_zarr(built["augment"], consolidated=False)
     assert shards["images"].dims == ("epoch", "sample", "y", "x") and shards.sizes["epoch"] == 2
 

@@ -131,3 +131,14 @@ def test_mcnemar_counts_the_discordant_digits_and_tests_them_exactly():
     assert metrics.mcnemar(a, a) == (0, 0, 1.0)  # no discordant digit: no evidence either way
     with pytest.raises(ValueError, match="same samples"):
         metrics.mcnemar(a, a[:5])
+
+
+def test_aupr_at_one_to_five_uses_the_first_fifth_of_the_outliers():
+    # 10 in-distribution samples (MSP 0.9 … 0.81) and 10 outliers; 1:5 keeps the first 2 outliers.
+    # Outliers 0, 1 score above every inlier: AP 1 at 1:5; outliers 2 … 9 score below: at 1:1,
+    # AP = 2/10·1 + 8/10·(10/20) = 0.6.
+    in_probs, _ = two_class(list(np.linspace(0.9, 0.81, 10)), [1] * 10)
+    out_probs, _ = two_class([0.55, 0.56] + [0.99] * 8, [1] * 10)
+    result = metrics.anomaly_detection(in_probs, out_probs)
+    assert result["aupr_1to5"] == pytest.approx(1.0)
+    assert result["aupr"] == pytest.approx(0.6)

@@ -181,7 +181,7 @@ def test_the_smoke_pipeline_runs_on_fashion_mnist(tmp_path):
         assert json.loads((root / name / "meta.json").read_text())["dataset"] == "fashion-mnist"
         result = dict(assets.open_asset(root / f"eval-{name}.zarr", stage="evaluate").attrs)
         assert result["model"]["dataset"] == result["data"]["dataset"] == "fashion-mnist"
-        assert set(result["defenses"]["none"]["ood"]) == {"mnist", "uniform", "gaussian"}
+        assert set(result["defenses"]["none"]["ood"]) == {"mnist", "uniform", "gaussian", "bernoulli", "blobs", "inverted", "blended"}
         assert "fashion-mnist-test" in assets.open_asset(root / f"eval-{name}.zarr").attrs["inputs"]
     assert assets.open_asset(root / "shards.zarr").attrs["config"]["dataset"] == "fashion-mnist"
     assert "fashion-mnist-test" in assets.open_asset(root / "fashion-mnist-c.zarr").attrs["inputs"]
