@@ -69,12 +69,13 @@ def grid(path, out, array, count, ncol):
 @click.argument("pipeline_file", metavar="PIPELINE", type=click.Path(dir_okay=False))
 @click.option("--root", "run_root", type=click.Path(file_okay=False), default=None, help="Folder for the stages' outputs and pipeline.json. Default: <root>/<pipeline file name>.")
 @click.option("--dry-run", is_flag=True, help="Print the command of every stage that would run; run nothing.")
+@click.option("--jobs", type=click.IntRange(1), default=1, help="Stages run at once, each as soon as its inputs are done (each a process with its own threads: on 2 cores, --jobs 2 with OMP_NUM_THREADS=1).")
 @data_root_option
-def run_pipeline(pipeline_file, run_root, dry_run, data_root):
-    """Run a pipeline file's stages in order, each cached: a second run does nothing."""
+def run_pipeline(pipeline_file, run_root, dry_run, jobs, data_root):
+    """Run a pipeline file's stages, each cached: a second run does nothing."""
     from . import pipeline
 
-    click.echo(f"output: {pipeline.run(pipeline_file, run_root or home() / Path(pipeline_file).stem, data_root, dry_run)}")
+    click.echo(f"output: {pipeline.run(pipeline_file, run_root or home() / Path(pipeline_file).stem, data_root, dry_run, jobs)}")
 
 
 for spec in STAGES.values():

@@ -19,8 +19,10 @@ import datetime
 import json
 import os
 import subprocess
+import threading
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -83,14 +85,15 @@ def load(path: str | Path) -> list[Stage]:
     stages = {}
     for name, spec in doc["stages"].items():
         where = f"{path}: stage {name!r}"
-        if not isinstance(spec, dict) or set(spec) - {"run", "with", "from"}:
-            raise PixgenError(f"{where} must be a mapping with keys run, with (options) and from (inputs)")
+        if not isinstance(spec, dict) or set(spec) - {"run", "with", "from", "matrix"}:
+            raise PixgenError(f"{where} must be a mapping with keys run, with (options), from (inputs) and matrix (lists of option values)")
         command = spec.get("run")
         if command not in commands:
             raise PixgenError(f"{where}: unknown stage command {command!r}; choose one of {', '.join(sorted(commands))}")
         known = _option_names(commands[command])
         options, inputs = {}, {}
-        for section, target in (("with", options), ("from", inputs)):
+        matrix = {}
+        for section, target in (("with", options), ("from", inputs), ("matrix", matrix)):
             given = spec.get(section) or {}
             if not isinstance(given, dict):
                 raise PixgenError(f"{where}: `{section}` must be a mapping of option → value")
@@ -101,19 +104,77 @@ def load(path: str | Path) -> list[Stage]:
                     raise PixgenError(f"{where}: `pixgen {command}` has no option --{option} a pipeline may set (it takes {allowed})")
                 if option in options or option in inputs:
                     raise PixgenError(f"{where}: --{option} is given twice")
-                if isinstance(value, (list, dict)) and not (known[option].multiple or section == "from" and isinstance(value, list)):
+                if option in matrix:
+                    raise PixgenError(f"{where}: --{option} is given twice")
+                if section == "matrix":
+                    if not isinstance(value, list) or not value or known[option].multiple or any(isinstance(v, (list, dict)) for v in value):
+                        raise PixgenError(f"{where}: matrix --{option} must be a non-empty list of single values, got {value!r}")
+                elif isinstance(value, (list, dict)) and not (known[option].multiple or section == "from" and isinstance(value, list)):
                     raise PixgenError(f"{where}: --{option} takes one value, got {value!r}")
                 target[option] = _as_list(value) if section == "from" else value
-        stages[name] = Stage(str(name), command, options, inputs)
+        stages[str(name)] = (Stage(str(name), command, options, inputs), matrix)
+    expanded = _expand(stages, path)
+    ordered = _keyed(_order(expanded, path))
+    for stage in ordered:
+        _check_options(stage, expanded, path)
+    return ordered
+
+
+def _expand(raw: dict[str, tuple[Stage, dict]], path: Path) -> dict[str, Stage]:
+    """Matrix stages become one stage per combination of their values, named `<stage>.<option>-<value>…`
+    and keyed on their own; a family (a matrix stage's members, or the stages expanded from
+    reading one) is named by its stage's name. `from` a family gives all its members to an option
+    that takes several values, and otherwise expands the reading stage once per member."""
+    families: dict[str, list[str]] = {}
+    expanded: dict[str, Stage] = {}
+    for stage, matrix in _raw_order(raw, path):
+        variants = [("", {})]
+        for option, values in matrix.items():
+            variants = [(f"{suffix}.{option}-{value}", {**chosen, option: value}) for suffix, chosen in variants for value in values]
+        variants = [(suffix, chosen, {}) for suffix, chosen in variants]
+        multiple = _option_names(_commands()[stage.command])
+        for option, names in stage.inputs.items():
+            members = [_members(n, families, expanded, stage, option, path) for n in names]
+            if multiple[option].multiple:
+                variants = [(s, c, {**i, option: [m for group in members for m in group]}) for s, c, i in variants]
+            else:  # one value: a family read here makes a family of this stage
+                if len(members) != 1:
+                    raise PixgenError(f"{path}: stage {stage.name!r}: --{option} takes one stage's output, got {names!r}")
+                (group,) = members
+                variants = [(s + (m[len(names[0]):] if len(group) > 1 else ""), c, {**i, option: [m]}) for s, c, i in variants for m in group]
+        families[stage.name] = []
+        for suffix, chosen, inputs in variants:
+            member = replace(stage, name=stage.name + suffix, options={**stage.options, **chosen}, inputs=inputs)
+            if member.name in expanded or member.name in raw and suffix:
+                raise PixgenError(f"{path}: the matrix of stage {stage.name!r} names {member.name!r} twice; rename a stage")
+            expanded[member.name] = member
+            families[stage.name].append(member.name)
+    return expanded
+
+
+def _members(name: str, families: dict, expanded: dict, stage: Stage, option: str, path: Path) -> list[str]:
+    if name in families:
+        return families[name]
+    if name in expanded:
+        return [name]
+    raise PixgenError(f"{path}: stage {stage.name!r} reads --{option} from {name!r}, which is not a stage of this pipeline")
+
+
+def _raw_order(raw: dict[str, tuple[Stage, dict]], path: Path) -> list[tuple[Stage, dict]]:
+    """The written stages in dependency order (a reference to a matrix member counts as one to its
+    stage), so that every family exists before a stage reads it."""
+    def owner(name: str) -> str:
+        while name and name not in raw:
+            name = name.rpartition(".")[0]
+        return name or "?"
+
+    stages = {name: replace(stage, inputs={o: [owner(n) for n in ns] for o, ns in stage.inputs.items()}) for name, (stage, _) in raw.items()}
     for stage in stages.values():
         for option, names in stage.inputs.items():
-            for dep in names:
-                if dep not in stages:
-                    raise PixgenError(f"{path}: stage {stage.name!r} reads --{option} from {dep!r}, which is not a stage of this pipeline")
-    ordered = _keyed(_order(stages, path))
-    for stage in ordered:
-        _check_options(stage, stages, path)
-    return ordered
+            missing = [n for n, m in zip(raw[stage.name][0].inputs[option], names) if m == "?"]
+            if missing:
+                raise PixgenError(f"{path}: stage {stage.name!r} reads --{option} from {missing[0]!r}, which is not a stage of this pipeline")
+    return [raw[s.name] for s in _order(stages, path)]
 
 
 def _check_options(stage: Stage, stages: dict[str, Stage], path: Path) -> None:
@@ -185,8 +246,12 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run(path: str | Path, root: str | Path, data_root: str | None = None, dry_run: bool = False) -> Path:
-    """Run every stage whose key is not recorded as finished; return the root."""
+def run(path: str | Path, root: str | Path, data_root: str | None = None, dry_run: bool = False, jobs: int = 1) -> Path:
+    """Run every stage whose key is not recorded as finished, up to `jobs` at a time (each as soon
+    as the stages it reads are done); return the root. A failure lets the running stages finish,
+    starts no other, and is reported; a rerun continues from there, whatever `jobs` was."""
+    if jobs < 1:
+        raise PixgenError(f"--jobs must be at least 1, got {jobs}")
     stages = load(path)
     by_name = {s.name: s for s in stages}
     root = Path(root)
@@ -194,33 +259,59 @@ def run(path: str | Path, root: str | Path, data_root: str | None = None, dry_ru
     recorded = state["stages"]
     env = {**os.environ, **({"PIXGEN_DATA_ROOT": str(data_root)} if data_root else {})}
     started = time.perf_counter()
-    total = len(stages)
-    for i, stage in enumerate(stages, 1):
-        done = recorded.get(stage.name, {})
-        head = f"[{i}/{total}] {stage.name} ({stage.command})"
-        if done.get("key") == stage.key and stage.output(root).exists():
-            log(f"{head}: cached ({done.get('seconds', 0):.1f} s when run)")
-            continue
+    heads = {s.name: f"[{i}/{len(stages)}] {s.name} ({s.command})" for i, s in enumerate(stages, 1)}
+    done, todo = set(), []
+    for stage in stages:
+        if recorded.get(stage.name, {}).get("key") == stage.key and stage.output(root).exists():
+            log(f"{heads[stage.name]}: cached ({recorded[stage.name].get('seconds', 0):.1f} s when run)")
+            done.add(stage.name)
+        elif dry_run:
+            log(f"{heads[stage.name]}: would run  pixgen {' '.join(argv(stage, by_name, root, force=stage.name in recorded))}")
+        else:
+            todo.append(stage)
+    if dry_run:
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    record = threading.Lock()
+
+    def execute(stage: Stage) -> float:
         # Only a stage whose recorded key differs replaces its output; a stage never finished
         # resumes whatever its command left half-written.
         args = argv(stage, by_name, root, force=stage.name in recorded)
-        if dry_run:
-            log(f"{head}: would run  pixgen {' '.join(args)}")
-            continue
-        log(f"{head}: running  pixgen {' '.join(args)}  (elapsed {_clock(time.perf_counter() - started)})")
-        root.mkdir(parents=True, exist_ok=True)
+        log(f"{heads[stage.name]}: running  pixgen {' '.join(args)}  (elapsed {_clock(time.perf_counter() - started)})")
         t0 = time.perf_counter()
         code = subprocess.run([sys.executable, "-m", "pixgen", *args], env=env, preexec_fn=_die_with_parent).returncode
         seconds = time.perf_counter() - t0
         if code != 0:
             raise PixgenError(f"stage {stage.name!r} (pixgen {stage.command}) failed with exit code {code} after {seconds:.1f} s; fix it and rerun to continue from this stage")
-        recorded[stage.name] = {"key": stage.key, "command": stage.command, "seconds": round(seconds, 1), "finished": datetime.datetime.now().isoformat(timespec="seconds")}
-        write_state(root, state)
-        log(f"{head}: done in {_clock(seconds)}")
-    if not dry_run:
-        log(f"pipeline {Path(path).name}: {total} stages, {_clock(time.perf_counter() - started)} this run; recorded stage times:")
-        for stage in stages:
-            log(f"  {stage.name:<24} {_clock(recorded[stage.name]['seconds'])}")
+        with record:
+            recorded[stage.name] = {"key": stage.key, "command": stage.command, "seconds": round(seconds, 1), "finished": datetime.datetime.now().isoformat(timespec="seconds")}
+            write_state(root, state)
+        log(f"{heads[stage.name]}: done in {_clock(seconds)}")
+        return seconds
+
+    failure = None
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        running = {}
+        while todo or running:
+            ready = [s for s in todo if all(d in done for names in s.inputs.values() for d in names)]
+            for stage in ready[: jobs - len(running)] if failure is None else []:
+                todo.remove(stage)
+                running[pool.submit(execute, stage)] = stage
+            if not running:
+                break  # a failure left stages that can no longer start
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                stage = running.pop(future)
+                if future.exception() is None:
+                    done.add(stage.name)
+                elif failure is None:
+                    failure = future.exception()
+    if failure is not None:
+        raise failure
+    log(f"pipeline {Path(path).name}: {len(stages)} stages, {_clock(time.perf_counter() - started)} this run; recorded stage times:")
+    for stage in stages:
+        log(f"  {stage.name:<24} {_clock(recorded[stage.name]['seconds'])}")
     return root
 
 

@@ -4,6 +4,7 @@ exactly the stages downstream of it), resuming after a failed stage, and bad pip
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -186,3 +187,74 @@ def test_the_smoke_pipeline_runs_on_fashion_mnist(tmp_path):
     assert assets.open_asset(root / "shards.zarr").attrs["config"]["dataset"] == "fashion-mnist"
     assert "fashion-mnist-test" in assets.open_asset(root / "fashion-mnist-c.zarr").attrs["inputs"]
     assert "| standard (standard) | none |" in (root / "report" / "summary.md").read_text()
+
+
+MATRIX = {
+    "stages": {
+        "fractals": {"run": "fractals", "with": {"count": 16, "chunk": 8, "points": 5000}},
+        "net": {"run": "train", "matrix": {"seed": [0, 1]}, "with": {"epochs": 1, "train-size": 200, "test-size": 100}},
+        "eval": {"run": "evaluate", "from": {"model": "net"}, "with": {"suite": "clean", "attack": ["fgsm=0,0.1"], "test-size": 100, "attack-size": 20}},
+        "first": {"run": "evaluate", "from": {"model": "net.seed-0"}, "with": {"suite": "clean", "attack": "none", "test-size": 50}},
+        "report": {"run": "report", "from": {"eval": ["eval", "first"], "fractals": "fractals"}},
+    }
+}
+
+
+def test_a_matrix_stage_expands_into_members_and_its_readers_follow(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(MATRIX))
+    stages = {s.name: s for s in pipeline.load(path)}
+    assert list(stages) == ["fractals", "net.seed-0", "net.seed-1", "eval.seed-0", "eval.seed-1", "first", "report"]
+    assert stages["net.seed-1"].options["seed"] == 1 and stages["eval.seed-1"].inputs == {"model": ["net.seed-1"]}
+    assert stages["first"].inputs == {"model": ["net.seed-0"]}  # one member, named
+    assert stages["report"].inputs["eval"] == ["eval.seed-0", "eval.seed-1", "first"]  # the whole family
+    assert len({s.key for s in stages.values()}) == len(stages)
+    doc = yaml.safe_load(path.read_text())
+    doc["stages"]["net"]["matrix"]["seed"] = [0, 2]
+    path.write_text(yaml.safe_dump(doc))
+    changed = {s.name: s.key for s in pipeline.load(path)}
+    assert changed["net.seed-0"] == stages["net.seed-0"].key and changed["eval.seed-0"] == stages["eval.seed-0"].key
+    assert "net.seed-2" in changed and changed["report"] != stages["report"].key
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda s: s["net"].update(matrix={"seed": 3}), "matrix --seed must be a non-empty list of single values"),
+        (lambda s: s["net"].update(matrix={"colour": ["red"]}), "has no option --colour a pipeline may set"),
+        (lambda s: s["first"].update({"from": {"model": ["net.seed-0", "net.seed-1"]}}), "--model takes one stage's output"),
+        (lambda s: s["first"].update({"from": {"model": "net.seed-9"}}), "reads --model from 'net.seed-9', which is not a stage"),
+    ],
+)
+def test_bad_matrices_are_refused_with_one_line(tmp_path, edit, message):
+    doc = yaml.safe_load(yaml.safe_dump(MATRIX))
+    edit(doc["stages"])
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(PixgenError, match=re.escape(message)):
+        pipeline.load(path)
+
+
+def contents(root: Path) -> dict:
+    """Every array of every asset and every model's weights, by file (the report's pictures aside)."""
+    import torch
+    import zarr
+
+    out = {}
+    for group in root.glob("*.zarr"):
+        g = zarr.open_group(str(group), mode="r")
+        out |= {f"{group.name}/{k}": g[k][:].tobytes() for k in g.array_keys()}
+    for weights in root.glob("*/state_dict.pt"):
+        out |= {f"{weights.parent.name}/{k}": v.numpy().tobytes() for k, v in torch.load(weights, weights_only=True).items()}
+    return out
+
+
+@pytest.mark.slow
+def test_jobs_2_gives_what_a_serial_run_gives(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(MATRIX))
+    serial = pixgen("run", path, "--root", tmp_path / "serial")
+    parallel = pixgen("run", path, "--root", tmp_path / "parallel", "--jobs", "2")
+    assert sorted(ran(serial)) == sorted(ran(parallel)) and len(ran(parallel)) == 7
+    assert contents(tmp_path / "serial") == contents(tmp_path / "parallel") != {}
+    assert ran(pixgen("run", path, "--root", tmp_path / "parallel", "--jobs", "2")) == []
