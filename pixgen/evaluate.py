@@ -47,9 +47,6 @@ def grid(stop: float, step: float) -> tuple[float, ...]:
     return tuple(round(step * i, 6) for i in range(round(stop / step) + 1))
 
 
-
-
-
 @dataclass(frozen=True)
 class EvalConfig:
     """What an evaluation computes; its hash (defences included) is the asset's identity.
@@ -101,7 +98,6 @@ class EvalConfig:
         return dict(self.attacks)[attack]
 
 
-
 # ---------------------------------------------------------------- predictions
 
 
@@ -123,37 +119,36 @@ def probabilities(model: nn.Module, images, batch_size: int, device) -> np.ndarr
 # ---------------------------------------------------------------- the evaluation
 
 
-def threats(setup: Setup, defence: str, suite: str) -> dict[str, Callable]:
-    """{threat: make(x, y, eps, batch) -> adversarial x} for one defence and attack suite."""
+def threats(setup: "Setup", defence: str, attack: str) -> dict[str, Callable]:
+    """{threat: make(x, y, eps, batch) -> adversarial x} for one defence and attack."""
     static, seed = setup.static, setup.config.seed
 
     def on(model, **params):
-        return lambda x, y, eps, batch: attacks.build(suite, model, eps, seed=seed, batch=batch, **params)(x, y)
+        return lambda x, y, eps, batch: attacks.build(attack, model, eps, seed=seed, batch=batch, **params)(x, y)
 
     # PGD's restarts are the one attack parameter an evaluation sets (the study reports ≥ 5).
-    params = {"restarts": setup.config.pgd_restarts} if suite == "pgd" else {}
+    params = {"restarts": setup.config.pgd_restarts} if attack == "pgd" else {}
     if defence == "none":
         return {"standard": on(static, **params)}
     dent = setup.networks[defence]
     out = {"standard": on(dent, **params), "transfer": on(static, **params)}
-    if suite == "pgd":
+    if attack == "pgd":
         steps = setup.config.adaptive_steps
         out["adaptive"] = lambda x, y, eps, b: adaptive.adaptive_pgd(dent, x, y, eps, attacks.stream_seed(seed, "adaptive", eps, b), steps=steps, restarts=setup.config.pgd_restarts)
         out["fixed-point"] = lambda x, y, eps, b: adaptive.fixed_point(dent, x, y, eps, attacks.stream_seed(seed, "fixed-point", eps, b), steps=steps)
-        # The clean batch-mates EOT places each adversarial digit among: the plain suites' digits.
+        # The clean batch-mates EOT places each adversarial digit among: the test digits.
         pool = to_tensor(setup.test[0], setup.device)
         out["eot"] = lambda x, y, eps, b: adaptive.eot_batches(dent, x, y, eps, attacks.stream_seed(seed, "eot", eps, b), pool=pool, steps=steps)
     return out
 
 
-
-def attack_unit(setup: Setup, defence: str, suite: str) -> assets.Writes:
+def attack_unit(setup: "Setup", defence: str, attack: str) -> assets.Writes:
     """Per threat, (E, M) correct-or-not of the attack digits; under `none` also the adversarial
     versions of the first EXAMPLES digits, for the report."""
     x, y, _ = setup.attack
-    eps_list = setup.config.eps(suite)
+    eps_list = setup.config.eps(attack)
     network = setup.networks[defence]
-    made = threats(setup, defence, suite)
+    made = threats(setup, defence, attack)
     correct = {t: np.zeros((len(eps_list), len(y)), bool) for t in made}
     shown = min(EXAMPLES, len(y))
     examples = np.zeros((len(eps_list), shown, *x.shape[2:]), np.uint8)
@@ -169,11 +164,10 @@ def attack_unit(setup: Setup, defence: str, suite: str) -> assets.Writes:
                     k = min(shown, s.stop) - s.start
                     examples[i, s.start : s.start + k] = (adversarial[:k, 0] * 255).round().byte().cpu().numpy()
                     predicted[i, s.start : s.start + k] = guess[:k].cpu().numpy()
-    writes = {f"{defence}_{suite}_{t}": (slice(None), c) for t, c in correct.items()}
+    writes = {f"{defence}_{attack}_{t}": (slice(None), c) for t, c in correct.items()}
     if defence == "none":
-        writes |= {f"examples_{suite}": (slice(None), examples), f"examples_{suite}_predicted": (slice(None), predicted)}
+        writes |= {f"examples_{attack}": (slice(None), examples), f"examples_{attack}_predicted": (slice(None), predicted)}
     return writes
-
 
 
 # ---------------------------------------------------------------- the suites without attacks
@@ -297,7 +291,6 @@ SUITES: dict[str, Suite] = {
 ONLY_STATIC = ("certify",)  # a certificate means nothing for a network that changes per batch
 
 
-
 def ood_names(dataset: str) -> tuple[str, ...]:
     return (data.spec(dataset).ood, "uniform", "gaussian", "bernoulli", "blobs", "inverted", "blended")
 
@@ -342,14 +335,11 @@ def training_eps(meta: dict) -> float:
     return float(eps)
 
 
-
 def interval(correct: np.ndarray) -> dict:
     """Accuracy of a (…, N) bool array with its 95% Wilson interval, over the last axis."""
     k, n = correct.sum(-1), correct.shape[-1]
     lo, hi = metrics.wilson_interval(k, n)
     return {"accuracy": (k / n).tolist(), "interval": np.stack([lo, hi], -1).tolist(), "count": int(n)}
-
-
 
 
 def outcomes(group, d: str, attack: str) -> dict[str, np.ndarray]:
