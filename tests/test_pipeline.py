@@ -178,7 +178,7 @@ def test_the_smoke_pipeline_runs_on_fashion_mnist(tmp_path):
     evaluations, whose natural OOD set is then MNIST."""
     root = tmp_path / "root"
     pixgen("run", REPO / "pipelines" / "smoke-fashion.yaml", "--root", root)
-    for name in ("standard", "pixmix", "primal", "dual"):
+    for name in ("standard", "pixmix", "dual"):
         assert json.loads((root / name / "meta.json").read_text())["dataset"] == "fashion-mnist"
         result = dict(assets.open_asset(root / f"eval-{name}.zarr", stage="evaluate").attrs)
         assert result["model"]["dataset"] == result["data"]["dataset"] == "fashion-mnist"
