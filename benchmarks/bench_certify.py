@@ -63,7 +63,7 @@ def training_throughput() -> None:
         step = methods.Step(config, epoch=1, index=99, total=100)  # past the ramp: ε is the final one
         start = time.perf_counter()
         for _ in range(steps):
-            loss, _ = train.METHODS[method](model, x, y, step)
+            loss, _ = methods.METHODS[method].loss(model, x, y, step)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

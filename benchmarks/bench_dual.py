@@ -1,11 +1,11 @@
-"""pixgen.dual against convex-adversarial 0.4.4 (pixgen.robust.bound_logits), both in this process
+"""pixgen.dual against convex-adversarial 0.4.4 (`RobustBounds(bounded_input=True)`), both in this process
 on 2 torch threads, in alternating rounds (the median round's figures) so that a busy machine
 slows both alike.
 
 1. Dual training: wk-small, batch 32, 10 projections, ε 0.1 (the method's defaults past the ramp):
    the bound, cross-entropy of it, backward and an Adam step, on MNIST training digits. Each side
    trains its own copy of one initialisation.
-2. The exact bound (certification) on MNIST test digits in batches of 50 (robust.certify's), on
+2. The exact bound (certification) on MNIST test digits in batches of 50 (bounds.dual_certified's), on
    the net that ours trained in 1 (a robust net has few unstable ReLUs; a random one has many).
 
 Prints `name: ours X, baseline Y, ratio R×`. Run from the repository root:
@@ -24,7 +24,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from pixgen import data, dual, models, robust, train
+from pixgen import data, dual, methods, models, train
 
 BATCH, PROJECTIONS, EPS = 32, 10, 0.1
 TRAIN_BATCHES = 8  # per side and round
@@ -37,7 +37,12 @@ def ours(model, x, y, eps, projections=0):
 
 
 def library(model, x, y, eps, projections=0):
-    return robust.bound_logits(model, x, y, eps, projections)
+    from convex_adversarial.dual_network import RobustBounds
+
+    kwargs = {"proj": projections, "norm_type": "l1_median"} if projections else {"norm_type": "l1"}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="ReLU projection has no origin crossing")  # normal on a robust net
+        return RobustBounds(model, eps, bounded_input=True, **kwargs)(x, y)
 
 
 def train_steps(bound, model, optimizer, x, y) -> float:
@@ -85,7 +90,7 @@ def main() -> None:
     torch.manual_seed(0)
     start = models.build("wk-small").train()
     sides = {name: copy.deepcopy(start) for name in bounds}
-    optimizers = {name: torch.optim.Adam(m.parameters(), lr=robust.DEFAULTS["dual"]["lr"]) for name, m in sides.items()}
+    optimizers = {name: torch.optim.Adam(m.parameters(), lr=methods.METHODS["dual"].defaults["lr"]) for name, m in sides.items()}
     for name in sides:  # load each side's kernels once
         train_steps(bounds[name], sides[name], optimizers[name], x[:BATCH], y[:BATCH])
     rates = alternate(lambda name, xs, ys: train_steps(bounds[name], sides[name], optimizers[name], xs, ys), sides, x, y, BATCH * TRAIN_BATCHES)

@@ -103,7 +103,7 @@ _CHILD = """
 import resource, sys, time
 from pixgen import augment
 cfg = augment.AugmentConfig(epochs=int(sys.argv[1]), train_size=int(sys.argv[2]), seed=0)
-augment._train_digits(str(augment.data.data_root(None).resolve()), cfg.train_size)  # time the work, not torch's import
+augment._train_digits(str(augment.data.data_root(None).resolve()), cfg.dataset, cfg.train_size)  # time the work, not torch's import
 start = time.perf_counter()
 augment.run(cfg, [sys.argv[3]], sys.argv[4], workers=int(sys.argv[5]))
 print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
