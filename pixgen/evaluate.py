@@ -24,6 +24,7 @@ threats: DENT's number. DENT sees the attack digits in batches of its own batch 
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -136,9 +137,7 @@ def threats(setup: "Setup", defence: str, attack: str) -> dict[str, Callable]:
         steps = setup.config.adaptive_steps
         out["adaptive"] = lambda x, y, eps, b: adaptive.adaptive_pgd(dent, x, y, eps, attacks.stream_seed(seed, "adaptive", eps, b), steps=steps, restarts=setup.config.pgd_restarts)
         out["fixed-point"] = lambda x, y, eps, b: adaptive.fixed_point(dent, x, y, eps, attacks.stream_seed(seed, "fixed-point", eps, b), steps=steps)
-        # The clean batch-mates EOT places each adversarial digit among: the test digits.
-        pool = to_tensor(setup.test[0], setup.device)
-        out["eot"] = lambda x, y, eps, b: adaptive.eot_batches(dent, x, y, eps, attacks.stream_seed(seed, "eot", eps, b), pool=pool, steps=steps)
+        out["eot"] = lambda x, y, eps, b: adaptive.eot_batches(dent, x, y, eps, attacks.stream_seed(seed, "eot", eps, b), pool=setup.pool, steps=steps)
     return out
 
 
@@ -394,6 +393,12 @@ class Setup:
     corrupt_labels: np.ndarray | None
     data_root: object
     device: torch.device
+
+    @functools.cached_property
+    def pool(self) -> torch.Tensor:
+        """The clean batch-mates EOT places each adversarial digit among (the test digits), made
+        once, when an EOT attack first needs them, not each time the threats are listed."""
+        return to_tensor(self.test[0], self.device)
 
     @property
     def classes(self) -> int:
