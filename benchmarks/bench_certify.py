@@ -28,7 +28,7 @@ EPS, DIGITS, LP_DIGITS, CHUNK = 0.1, 20, 3, 10
 def trained_model(tmp: Path) -> Path:
     if len(sys.argv) > 1:
         return Path(sys.argv[1])
-    config = methods.TrainConfig(method="ibp", epochs=2, batch_size=50, lr=5e-3, eps=EPS, ramp_epochs=1, train_size=2000, test_size=200, certify_size=200)
+    config = methods.TrainConfig(method="ibp", epochs=2, batch_size=50, lr=5e-3, eps=EPS, ramp_epochs=1, train_size=2000, val_size=200, certify_size=200)
     return train.run(config, tmp / "ibp")
 
 

@@ -24,6 +24,10 @@ class Dataset:
     channels: int
     classes: int
     ood: str  # the other dataset whose test split is this one's natural out-of-distribution set
+    # The last `validation` digits of the raw training split: held out of training and of the
+    # shards, read by training's per-epoch checks and final certificate, so that nothing before
+    # evaluate and certify sees a test digit.
+    validation: int = 5000
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -76,12 +80,21 @@ def _load(dataset: str, root: str, train: bool) -> tuple[np.ndarray, np.ndarray]
     return images, labels
 
 
+SPLITS = ("train", "validation", "test")
+
+
 def load(dataset: str = "mnist", split: str = "train", root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 (N, size, size), labels int64 (N,)) of a split ("train" or "test"); read-only arrays."""
-    if split not in ("train", "test"):
-        raise PixgenError(f"unknown split {split!r}; choose train or test")
-    spec(dataset)  # an unknown name fails here, in one line
-    return _load(dataset, str(data_root(root)), split == "train")
+    """(images uint8 (N, size, size), labels int64 (N,)) of a split; read-only arrays. "train" is
+    the raw training split less its last `validation` digits, which are "validation"."""
+    if split not in SPLITS:
+        raise PixgenError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    held = spec(dataset).validation  # an unknown name fails here, in one line
+    images, labels = _load(dataset, str(data_root(root)), split != "test")
+    if split == "train":
+        return images[:-held], labels[:-held]
+    if split == "validation":
+        return images[-held:], labels[-held:]
+    return images, labels
 
 
 def identity(images: np.ndarray, labels: np.ndarray) -> str:

@@ -9,7 +9,8 @@ A chunk of images is optimised as one batch, each image with its own (layer, cha
 targets cycle over the channels of every convolution layer but the first.
 
 Every stored image must drive its target to at least `min_ratio` (5) times that channel's mean
-activation over the 10,000 MNIST test digits (one forward pass, computed here). After a chunk is
+activation over the dataset's 5,000 validation digits (one forward pass, computed here; test
+digits are left to evaluation). After a chunk is
 optimised, the images below that are optimised again from fresh initial spectra, drawn from the
 chunk's generator in slot order (as fractals.make_chunk redraws degenerate pictures), so the
 result still depends only on (seed, chunk). A slot whose target fails `attempts` times in a row
@@ -17,14 +18,14 @@ moves on to the next target of the cycle, so a channel that cannot reach the thr
 tries per slot but never blocks the run; only a threshold that no target reaches is an error.
 On the `make data` network (wk-small, 3 epochs) that leaves channels 20, 21, 23, 25 and 30 of the
 second convolution without images. They fire on MNIST's black background: a blank image alone
-gives 41-100% of their test mean (the median channel: 2%), so that mean is high and no picture
+gives 41-100% of their mean (the median channel: 2%), so that mean is high and no picture
 drives them past about 4.7x it. Their slots go to the channels after them (of 1,024 images,
 channel 22 has 96, 24 and 31 have 64 each), and a few slots of the marginal channels 4 and 26
 move on too.
 
 The asset has `images` (N, S, S) uint8, and per image `layer` (the index in the network's
 nn.Sequential of the activation maximised), `channel`, `objective` (that channel's mean
-activation on the stored uint8 image) and `ratio` (objective / the channel's test mean).
+activation on the stored uint8 image) and `ratio` (objective / the channel's validation mean).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class FeatvisConfig:
     scale: float = 0.05  # relative
     rotate: float = 5.0  # degrees
     settle: float = 0.25  # fraction of the steps, at the end, without random transforms
-    min_ratio: float = 5.0  # every image's objective / its channel's mean over the MNIST test digits
+    min_ratio: float = 5.0  # every image's objective / its channel's mean over the validation digits
     attempts: int = 3  # tries of one target per slot before the slot moves to the next target
 
 
@@ -244,7 +245,7 @@ def make_chunk(model, pairs: list[tuple[int, int]], means: np.ndarray, config: F
         moves[exhausted] += 1
         if (moves >= len(pairs)).any():
             raise PixgenError(
-                f"no target channel reaches {config.min_ratio}x its mean over the MNIST test digits in "
+                f"no target channel reaches {config.min_ratio}x its mean over the validation digits in "
                 f"{config.attempts} attempts each; lower --min-ratio or raise --steps"
             )
         pending = failed
@@ -266,7 +267,7 @@ def run(config: FeatvisConfig, model_dir: str | Path, out: str | Path, data_root
     if not pairs:
         raise PixgenError(f"model {model_dir} ({meta['arch']}) has fewer than two convolution layers to visualise")
     dataset = meta.get("dataset", "mnist")
-    digits, labels = data.load(dataset, "test", data_root)
+    digits, labels = data.load(dataset, "validation", data_root)
     n, s, c = config.count, config.size, config.chunk
     columns = ("images", "layer", "channel", "objective", "ratio")
     plan = assets.Plan(
@@ -277,7 +278,7 @@ def run(config: FeatvisConfig, model_dir: str | Path, out: str | Path, data_root
             **{name: assets.ArraySpec((n,), (c,), dtype, ("sample",)) for name, dtype in zip(columns[1:], ("int16", "int16", "float32", "float32"))},
         },
         units=-(-n // c),
-        inputs={"model": models.weights_hash(model), f"{dataset}-test": data.identity(digits, labels)},
+        inputs={"model": models.weights_hash(model), f"{dataset}-validation": data.identity(digits, labels)},
         attrs={"model_arch": meta["arch"], "model_config_hash": meta["config_hash"], "layers": {str(layer): repr(model[layer - 1]) for layer in sorted({p[0] for p in pairs})}},
     )
     means = channel_means(model, pairs, digits)

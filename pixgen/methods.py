@@ -32,7 +32,7 @@ from torch import nn
 
 from . import PixgenError, attacks, bounds, data, models
 
-ROBUST_SAMPLE = 500  # class-balanced test digits attacked with PGD-40 after every pgd epoch
+ROBUST_SAMPLE = 500  # class-balanced validation digits attacked with PGD-40 after every pgd epoch
 SAMPLE_SEED = 0  # the PGD sample, its random starts and the certify sample are the same in every run
 # IBP: the clean loss's weight κ falls from 1 to KAPPA over the ε ramp (Gowal et al. 2018: 0.5;
 # CROWN-IBP's 0 costs clean accuracy), and training ε overshoots the certified ε by
@@ -56,7 +56,7 @@ class TrainConfig:
     lr: float | None = None  # peak of the one-cycle schedule
     warmup: float = 0.1  # fraction of all steps spent ramping the learning rate up
     train_size: int | None = None
-    test_size: int | None = None
+    val_size: int | None = None  # of the validation digits (data.Dataset.validation)
     eps: float | None = None  # pixel units in [0, 1]
     eps_start: float | None = None
     ramp_epochs: float | None = None
@@ -99,7 +99,7 @@ Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor, Step], tuple[torch.Tenso
 Metrics = Callable[[nn.Module, tuple[torch.Tensor, torch.Tensor], TrainConfig], dict]
 
 
-def no_metrics(model, test, config) -> dict:
+def no_metrics(model, val, config) -> dict:
     return {}
 
 
@@ -188,7 +188,7 @@ def check_common(config: TrainConfig) -> None:
             raise PixgenError(f"{name} must be at least 1, got {getattr(config, name)}")
     if not config.lr > 0 or not 0 <= config.warmup < 1:
         raise PixgenError(f"need lr > 0 and 0 <= warmup < 1, got lr {config.lr}, warmup {config.warmup}")
-    for name in ("train_size", "test_size", "certify_size"):
+    for name in ("train_size", "val_size", "certify_size"):
         if getattr(config, name) is not None and getattr(config, name) < 1:
             raise PixgenError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
     if config.eps is None:
@@ -222,8 +222,8 @@ def check_ibp(config: TrainConfig) -> None:
 # ---- metrics ---------------------------------------------------------------------------------
 
 
-def sample(test: tuple[torch.Tensor, torch.Tensor], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = test
+def sample(val: tuple[torch.Tensor, torch.Tensor], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = val
     index = torch.from_numpy(data.balanced_subset(labels.cpu().numpy(), min(size, len(labels)), SAMPLE_SEED)).to(labels.device)
     return images[index], labels[index]
 
@@ -241,16 +241,16 @@ def pgd_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, e
     return correct / len(labels)
 
 
-def pgd_epoch_metrics(model: nn.Module, test, config: TrainConfig) -> dict:
-    x, y = sample(test, ROBUST_SAMPLE)
+def pgd_epoch_metrics(model: nn.Module, val, config: TrainConfig) -> dict:
+    x, y = sample(val, ROBUST_SAMPLE)
     return {"pgd40_accuracy": pgd_accuracy(model, x, y, config.eps), "pgd40_count": len(y)}
 
 
 def certificate(proved: Callable) -> Metrics:
     """Final metadata of a certified-training method: its own bound's certificate at ε."""
 
-    def metrics(model: nn.Module, test, config: TrainConfig) -> dict:
-        x, y = sample(test, config.certify_size)
+    def metrics(model: nn.Module, val, config: TrainConfig) -> dict:
+        x, y = sample(val, config.certify_size)
         certified = proved(model, x, y, config.eps)
         with torch.no_grad():
             correct = model(x).argmax(1) == y

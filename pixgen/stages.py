@@ -86,9 +86,9 @@ data_root_option = click.option(
 @click.option("--attack-steps", type=click.IntRange(1), default=None, help=f"pgd: PGD steps (Madry et al.: 40). Default: {default_text('attack_steps')}.")
 @click.option("--step-size", type=click.FloatRange(0, min_open=True), default=None, help="pgd: attack step as a multiple of the current ε. Default: PGD 2.5 / steps; fgsm-rs 1.0 (the paper's 1.25).")
 @click.option("--projections", type=click.IntRange(0), default=None, help=f"dual: random projections estimating the bound in training (0: exact; Wong & Kolter: 50). Default: {default_text('projections')}.")
-@click.option("--certify-size", type=click.IntRange(1), default=None, help=f"dual/ibp: class-balanced test digits given the method's certificate at the end. Default: {default_text('certify_size')}.")
-@click.option("--train-size", type=click.IntRange(1), default=None, help="Train on a fixed class-balanced subset of this many digits. Default: all of the training split.")
-@click.option("--test-size", type=click.IntRange(1), default=None, help="Test on a fixed class-balanced subset of this many digits. Default: all of the test split.")
+@click.option("--certify-size", type=click.IntRange(1), default=None, help=f"dual/ibp: class-balanced validation digits given the method's certificate at the end. Default: {default_text('certify_size')}.")
+@click.option("--train-size", type=click.IntRange(1), default=None, help="Train on a fixed class-balanced subset of this many digits. Default: all of the training split (55,000 for MNIST: 60,000 less the validation digits).")
+@click.option("--val-size", type=click.IntRange(1), default=None, help="Check each epoch on a fixed class-balanced subset of this many validation digits (the last 5,000 of the training split, never trained on). Default: all of them.")
 @data_root_option
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Model folder to write. Default: <root>/models/<method>-<arch>.")
 @click.option("--force", is_flag=True, help="Replace a model folder trained with another config.")
@@ -176,7 +176,7 @@ def augment(ctx, mixing, out, epochs, seed, k, beta, severity, ops, chunk, train
 @click.option("--seed", type=int, default=FeatvisConfig.seed, help="Seed of the initial images and of the random transforms.")
 @click.option("--size", type=click.IntRange(8), default=FeatvisConfig.size, help="Side of the stored images, in pixels.")
 @click.option("--steps", type=click.IntRange(1), default=FeatvisConfig.steps, help="Gradient-ascent steps per image.")
-@click.option("--min-ratio", type=click.FloatRange(0), default=FeatvisConfig.min_ratio, help="Least objective per image, in multiples of its channel's mean over the MNIST test digits; images below are redrawn.")
+@click.option("--min-ratio", type=click.FloatRange(0), default=FeatvisConfig.min_ratio, help="Least objective per image, in multiples of its channel's mean over the validation digits; images below are redrawn.")
 @data_root_option
 @click.option("--force", is_flag=True, help="Replace an asset made with another config or model.")
 def featvis(model_dir, out, count, seed, size, steps, min_ratio, data_root, force):

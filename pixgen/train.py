@@ -29,7 +29,7 @@ from .config import config_hash, to_dict
 from .methods import METHODS, Step, TrainConfig
 
 CHECKPOINT = "checkpoint.pt"
-SUBSET_SEED = 0  # the --train-size/--test-size subsets are fixed, whatever the training seed
+SUBSET_SEED = 0  # the --train-size/--val-size subsets are fixed, whatever the training seed
 
 
 def log(message: str) -> None:
@@ -148,7 +148,7 @@ def fit(
     meta: dict,
     batches: Callable[[int], Iterator],
     steps_per_epoch: int,
-    test: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
 ) -> None:
     """Train from the last finished epoch in `out` to the end, checkpointing after every epoch."""
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -157,18 +157,18 @@ def fit(
         log(f"resuming {out} after epoch {first}/{config.epochs}")
     for epoch in range(first, config.epochs):
         record = train_epoch(model, optimizer, batches(epoch), config, epoch, steps_per_epoch)
-        record["test_accuracy"] = accuracy(model, *test)
-        extra = METHODS[config.method].epoch_metrics(model, test, config)
+        record["val_accuracy"] = accuracy(model, *val)
+        extra = METHODS[config.method].epoch_metrics(model, val, config)
         record.update(extra)
         history.append(record)
         shown = "".join(f", {k} {v:.4f}" for k, v in extra.items() if isinstance(v, float))
-        log(f"epoch {epoch + 1}/{config.epochs}: loss {record['loss']:.4f}, train {record['train_accuracy']:.4f}, test {record['test_accuracy']:.4f}{shown}, {record['seconds']:.1f} s")
+        log(f"epoch {epoch + 1}/{config.epochs}: loss {record['loss']:.4f}, train {record['train_accuracy']:.4f}, validation {record['val_accuracy']:.4f}{shown}, {record['seconds']:.1f} s")
         _save_checkpoint(out, model, optimizer, epoch + 1, history)
         models.save(out, model, {**meta, "epochs_done": epoch + 1, "history": history, "complete": False})
-    final = METHODS[config.method].final_metrics(model, test, config)
+    final = METHODS[config.method].final_metrics(model, val, config)
     if final:
         log(f"{config.method}: {final}")
-    models.save(out, model, {**meta, "epochs_done": config.epochs, "history": history, "test_accuracy": history[-1]["test_accuracy"], **final, "complete": True})
+    models.save(out, model, {**meta, "epochs_done": config.epochs, "history": history, "val_accuracy": history[-1]["val_accuracy"], **final, "complete": True})
     (out / CHECKPOINT).unlink(missing_ok=True)
 
 
@@ -179,29 +179,29 @@ def run(config: TrainConfig, out: str | Path, data_root=None, force: bool = Fals
         raise PixgenError("method pixmix needs --shards PATH (a pixgen augment asset), and only pixmix reads shards")
     out = Path(out)
     train_images, train_labels = load_split("train", config.train_size, data_root, config.dataset)
-    test_images, test_labels = load_split("test", config.test_size, data_root, config.dataset)
+    val_images, val_labels = load_split("validation", config.val_size, data_root, config.dataset)
     identity = {
         "config_hash": config_hash(config),
-        "data": {"train": data.identity(train_images, train_labels), "test": data.identity(test_images, test_labels)},
+        "data": {"train": data.identity(train_images, train_labels), "validation": data.identity(val_images, val_labels)},
     }
     if shards is not None:
         identity["shards"] = data.open_shards(shards, config.dataset, identity["data"]["train"], len(train_labels))
     try:
         with assets.lock(out):
             assets.recover(out)
-            return _train(config, out, identity, force, (train_images, train_labels), (test_images, test_labels), shards)
+            return _train(config, out, identity, force, (train_images, train_labels), (val_images, val_labels), shards)
     except OSError as exc:
         if exc.errno is None:
             raise
         raise PixgenError(f"cannot write {exc.filename or out}: {exc.strerror}; choose a writable --out with free space") from None
 
 
-def _train(config: TrainConfig, out: Path, identity: dict, force: bool, train_split, test_split, shards) -> Path:
+def _train(config: TrainConfig, out: Path, identity: dict, force: bool, train_split, val_split, shards) -> Path:
     state = _prepare_folder(out, identity, force)
     if state == "done":
         log(f"{out} is already trained with this config; nothing to do")
         return out
-    (train_images, train_labels), (test_images, test_labels) = train_split, test_split
+    (train_images, train_labels), (val_images, val_labels) = train_split, val_split
     dev = models.device()
     torch.manual_seed(config.seed)
     model = models.build(config.arch, config.dataset).to(dev)
@@ -212,7 +212,7 @@ def _train(config: TrainConfig, out: Path, identity: dict, force: bool, train_sp
         "config": to_dict(config),
         **identity,
         "train_count": len(train_labels),
-        "test_count": len(test_labels),
+        "val_count": len(val_labels),
         "device": str(dev),
         "eps": config.eps,
     }
@@ -227,5 +227,5 @@ def _train(config: TrainConfig, out: Path, identity: dict, force: bool, train_sp
     else:
         batches = data.shard_epochs(shards, config.epochs, config.batch_size, config.seed, dev, log)
     with models.deterministic(dev):
-        fit(model, out, config, meta, batches, steps, to_tensors(test_images, test_labels, dev))
+        fit(model, out, config, meta, batches, steps, to_tensors(val_images, val_labels, dev))
     return out

@@ -44,7 +44,7 @@ CASES = {
     "augment: unknown dataset": (["augment", "--mixing", "{world}/mixing.zarr", "--dataset", "cifar", "--out", "{tmp}/s.zarr"], "'cifar' is not one of"),
     "train: eps above 1": (["train", "--method", "pgd", "--eps", "2", "--out", "{tmp}/m"], "2.0 is not in the range 0<=x<=1"),
     "train: train size beyond the data": (["train", "--train-size", "1000000", "--out", "{tmp}/m"], "the split has 60000"),
-    "train: out is a file": (["train", "--train-size", "100", "--test-size", "100", "--out", "{world}/file"], "is a file"),
+    "train: out is a file": (["train", "--train-size", "100", "--val-size", "100", "--out", "{world}/file"], "is a file"),
     "corrupt: count beyond the data": (["corrupt", "--count", "1000000", "--out", "{tmp}/c.zarr"], "exceeds the 10000 mnist test images"),
     "featvis: damaged weights": (["featvis", "--model", "{world}/broken-model", "--out", "{tmp}/v.zarr"], "is damaged: its state_dict.pt cannot be loaded"),
     "certify: count beyond the data": (["certify", "--model", "{world}/model", "--eps", "0.1", "--count", "1000000", "--out", "{tmp}/c.zarr"], "the split has 10000"),

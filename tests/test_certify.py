@@ -31,7 +31,7 @@ def tmp(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ibp_model(tmp) -> Path:
-    config = methods.TrainConfig(method="ibp", epochs=2, batch_size=50, lr=5e-3, eps=EPS, ramp_epochs=1, train_size=2000, test_size=200, certify_size=200)
+    config = methods.TrainConfig(method="ibp", epochs=2, batch_size=50, lr=5e-3, eps=EPS, ramp_epochs=1, train_size=2000, val_size=200, certify_size=200)
     return train.run(config, tmp / "ibp")
 
 
@@ -132,9 +132,9 @@ def test_ibp_bounds_max_pooling_soundly(digits):
 @pytest.mark.parametrize("kind", ["untrained", "standard"])
 def test_uncertified_networks_certify_nothing_at_0_3(tmp, digits, kind):
     if kind == "standard":
-        folder = train.run(methods.TrainConfig(method="standard", epochs=1, batch_size=50, lr=5e-3, train_size=2000, test_size=100), tmp / "standard")
+        folder = train.run(methods.TrainConfig(method="standard", epochs=1, batch_size=50, lr=5e-3, train_size=2000, val_size=100), tmp / "standard")
         model = _double(folder)
-        assert json.loads((folder / "meta.json").read_text())["test_accuracy"] > 0.8
+        assert json.loads((folder / "meta.json").read_text())["val_accuracy"] > 0.8
     else:
         torch.manual_seed(0)
         model = models.build("wk-small").double().requires_grad_(False)
@@ -198,7 +198,7 @@ def test_bad_certify_inputs_are_one_clear_line(tmp, ibp_model, odd_models, extra
     ],
 )
 def test_bad_ibp_training_inputs_are_one_clear_line(tmp, extra, message):
-    result = CliRunner().invoke(cli, ["train", "--method", "ibp", "--out", str(tmp / "bad"), "--train-size", "100", "--test-size", "100", *extra])
+    result = CliRunner().invoke(cli, ["train", "--method", "ibp", "--out", str(tmp / "bad"), "--train-size", "100", "--val-size", "100", *extra])
     assert result.exit_code == 1 and message in result.output, result.output
     assert result.output.count("\n") == 1 and not (tmp / "bad").exists()
 

@@ -38,7 +38,7 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     fractals = root / "fractals.zarr"
     pixgen(*STAGES["fractals"], "--out", fractals)
     model = root / "model"
-    pixgen("train", "--epochs", "1", "--train-size", "300", "--test-size", "100", "--out", model)
+    pixgen("train", "--epochs", "1", "--train-size", "300", "--val-size", "100", "--out", model)
     return {"fractals": str(fractals), "model": str(model)}
 
 
@@ -93,7 +93,7 @@ def test_a_killed_stage_resumes_to_the_same_bytes(stage, point, inputs, referenc
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no lock, staging or old copy left
 
 
-TRAIN = ["train", "--method", "pgd", "--epochs", "2", "--batch-size", "50", "--train-size", "200", "--test-size", "50", "--attack-steps", "2"]
+TRAIN = ["train", "--method", "pgd", "--epochs", "2", "--batch-size", "50", "--train-size", "200", "--val-size", "50", "--attack-steps", "2"]
 
 
 def weights(folder: Path) -> dict:

@@ -16,6 +16,17 @@ def test_loads_full_mnist_from_data_root(data_root):
     assert fashion.shape == (10000, 28, 28) and not np.array_equal(fashion[:100], images[:100])
 
 
+def test_validation_is_the_held_out_end_of_the_training_split(data_root):
+    train, train_labels = data.load("mnist", "train", root=data_root)
+    val, val_labels = data.load("mnist", "validation", root=data_root)
+    raw = data._load("mnist", str(data_root), True)
+    assert (len(train), len(val)) == (55000, 5000)
+    assert np.array_equal(np.concatenate([train, val]), raw[0]) and np.array_equal(np.concatenate([train_labels, val_labels]), raw[1])
+    assert min(np.bincount(val_labels)) > 400  # every class is checked
+    with pytest.raises(PixgenError, match="unknown split 'val'; choose one of train, validation, test"):
+        data.load("mnist", "val", root=data_root)
+
+
 def test_root_precedence(monkeypatch, tmp_path):
     monkeypatch.setenv("PIXGEN_DATA_ROOT", str(tmp_path / "env"))
     assert data.data_root(tmp_path / "opt") == tmp_path / "opt"

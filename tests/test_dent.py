@@ -29,7 +29,7 @@ _TRAINED: dict[str, torch.nn.Module] = {}  # per session, shared with test_evalu
 def trained(arch: str, tmp_path_factory) -> torch.nn.Module:
     """A small trained network: 315 Adam steps (5 epochs of batches of 32) on 2,000 digits."""
     if arch not in _TRAINED:
-        config = TrainConfig(arch=arch, epochs=5, batch_size=32, train_size=2000, test_size=200)
+        config = TrainConfig(arch=arch, epochs=5, batch_size=32, train_size=2000, val_size=200)
         _TRAINED[arch] = models.load(run(config, tmp_path_factory.mktemp(arch)))[0].requires_grad_(False)
     return _TRAINED[arch]
 

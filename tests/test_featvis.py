@@ -19,7 +19,7 @@ SMALL = dict(count=24, chunk=12, steps=256)
 def model_dir(tmp_path_factory):
     # Trained well enough that most channels can be driven to 5x (2 epochs on 6,000 digits left
     # half the slots moving on, and the run twice as long).
-    config = methods.TrainConfig(epochs=3, batch_size=64, train_size=12000, test_size=1000)
+    config = methods.TrainConfig(epochs=3, batch_size=64, train_size=12000, val_size=1000)
     return train.run(config, tmp_path_factory.mktemp("featvis") / "net")
 
 

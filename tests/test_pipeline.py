@@ -192,7 +192,7 @@ def test_the_smoke_pipeline_runs_on_fashion_mnist(tmp_path):
 MATRIX = {
     "stages": {
         "fractals": {"run": "fractals", "with": {"count": 16, "chunk": 8, "points": 5000}},
-        "net": {"run": "train", "matrix": {"seed": [0, 1]}, "with": {"epochs": 1, "train-size": 200, "test-size": 100}},
+        "net": {"run": "train", "matrix": {"seed": [0, 1]}, "with": {"epochs": 1, "train-size": 200, "val-size": 100}},
         "eval": {"run": "evaluate", "from": {"model": "net"}, "with": {"suite": "clean", "attack": ["fgsm=0,0.1"], "test-size": 100, "attack-size": 20}},
         "first": {"run": "evaluate", "from": {"model": "net.seed-0"}, "with": {"suite": "clean", "attack": "none", "test-size": 50}},
         "report": {"run": "report", "from": {"eval": ["eval", "first"], "fractals": "fractals"}},

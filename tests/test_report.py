@@ -373,7 +373,7 @@ def certified(tmp_path_factory) -> dict:
     from pixgen.cli import cli
 
     root = tmp_path_factory.mktemp("certified")
-    config = methods.TrainConfig(method="ibp", epochs=2, batch_size=50, lr=5e-3, eps=CERT_EPS, ramp_epochs=1, train_size=2000, test_size=100, certify_size=100)
+    config = methods.TrainConfig(method="ibp", epochs=2, batch_size=50, lr=5e-3, eps=CERT_EPS, ramp_epochs=1, train_size=2000, val_size=100, certify_size=100)
     net = train.run(config, root / "ibp-net")
     torch.manual_seed(0)
     models.save(root / "raw-net", models.build("wk-small"), {"arch": "wk-small", "method": "standard", "config_hash": "0", "complete": True})

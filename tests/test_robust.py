@@ -44,9 +44,9 @@ def _meta(folder: Path) -> dict:
 
 
 def test_pixmix_learns_from_the_shards_and_records_them(tmp, shards, capsys):
-    config = methods.TrainConfig(method="pixmix", epochs=3, batch_size=32, lr=5e-3, train_size=1000, test_size=500)
+    config = methods.TrainConfig(method="pixmix", epochs=3, batch_size=32, lr=5e-3, train_size=1000, val_size=500)
     meta = _meta(train.run(config, tmp / "pixmix", shards=shards))
-    assert meta["test_accuracy"] > 0.6  # from 0.1 untrained, on digits it never saw clean
+    assert meta["val_accuracy"] > 0.6  # from 0.1 untrained, on digits it never saw clean
     assert meta["shards"] == assets.asset_id(dict(assets.open_asset(shards).attrs))
     assert len(meta["history"]) == 3 and "epoch 3: reusing shard epoch 0" in capsys.readouterr().err
 
@@ -57,7 +57,7 @@ def _pgd_accuracy(model, test, eps):
 
 
 def test_pgd_training_raises_pgd_accuracy(tmp):
-    config = methods.TrainConfig(method="pgd", epochs=1, batch_size=32, lr=5e-3, eps=0.1, attack_steps=3, train_size=2000, test_size=200)
+    config = methods.TrainConfig(method="pgd", epochs=1, batch_size=32, lr=5e-3, eps=0.1, attack_steps=3, train_size=2000, val_size=200)
     meta = _meta(train.run(config, tmp / "pgd"))
     torch.manual_seed(config.seed)
     untrained = models.build("wk-small")
@@ -87,7 +87,7 @@ def test_eps_ramps_linearly_then_holds():
 @pytest.fixture(scope="module")
 def dual_model(tmp) -> tuple[Path, dict]:
     # ε 0.01 keeps the bound close to the logits, so 40 steps already certify digits.
-    config = methods.TrainConfig(method="dual", epochs=1, batch_size=20, lr=5e-3, eps=0.01, eps_start=0.01, train_size=800, test_size=100, certify_size=100)
+    config = methods.TrainConfig(method="dual", epochs=1, batch_size=20, lr=5e-3, eps=0.01, eps_start=0.01, train_size=800, val_size=100, certify_size=100)
     return train.run(config, tmp / "dual"), config
 
 
@@ -115,7 +115,7 @@ def test_certificate_is_sound_against_pgd_with_restarts(dual_model):
 
 def test_pgd_resume_after_sigkill_gives_the_same_weights(tmp):
     killed, whole = tmp / "killed", tmp / "whole"
-    args = ["train", "--method", "pgd", "--epochs", "2", "--eps", "0.1", "--attack-steps", "2", "--train-size", "400", "--test-size", "50", "--batch-size", "50"]
+    args = ["train", "--method", "pgd", "--epochs", "2", "--eps", "0.1", "--attack-steps", "2", "--train-size", "400", "--val-size", "50", "--batch-size", "50"]
     _kill_after_first_epoch([*args, "--out", killed])
     assert not _meta(killed)["complete"]
     assert "resuming" in pixgen(*args, "--out", killed).stderr
@@ -155,6 +155,6 @@ def foreign_shards(tmp) -> dict[str, Path]:
 )
 def test_bad_inputs_are_one_clear_line(tmp, foreign_shards, extra, message):
     extra = [arg.format(**foreign_shards) for arg in extra]
-    result = CliRunner().invoke(cli, ["train", "--out", str(tmp / "bad"), "--train-size", "100", "--test-size", "100", *extra])
+    result = CliRunner().invoke(cli, ["train", "--out", str(tmp / "bad"), "--train-size", "100", "--val-size", "100", *extra])
     assert result.exit_code in (1, 2) and message in result.output, result.output
     assert result.output.count("\n") == 1 and not (tmp / "bad").exists()

@@ -16,19 +16,19 @@ import torch
 from conftest import pixgen
 from pixgen import PixgenError, methods, train
 
-SMALL = ["--train-size", "4000", "--test-size", "1000", "--batch-size", "32"]
+SMALL = ["--train-size", "4000", "--val-size", "1000", "--batch-size", "32"]
 
 
 def test_loss_decreases_and_one_short_epoch_reaches_90_percent(tmp_path):
-    config = methods.TrainConfig(epochs=2, batch_size=32, train_size=5000, test_size=1000)
+    config = methods.TrainConfig(epochs=2, batch_size=32, train_size=5000, val_size=1000)
     out = train.run(config, tmp_path / "model")
     meta = json.loads((out / "meta.json").read_text())
     first, second = meta["history"]
     assert first["loss"] < math.log(10)  # below an untrained network's loss
     assert second["loss"] < first["loss"]
-    assert first["test_accuracy"] > 0.9
-    assert meta["complete"] and meta["test_accuracy"] == second["test_accuracy"]
-    assert (meta["train_count"], meta["test_count"]) == (5000, 1000)
+    assert first["val_accuracy"] > 0.9
+    assert meta["complete"] and meta["val_accuracy"] == second["val_accuracy"]
+    assert (meta["train_count"], meta["val_count"]) == (5000, 1000)
     assert not (out / train.CHECKPOINT).exists()
 
 
@@ -63,14 +63,14 @@ def test_resume_after_sigkill_gives_the_same_weights(tmp_path):
 
 def test_finished_run_is_a_no_op_and_another_config_needs_force(tmp_path, capsys):
     out = tmp_path / "model"
-    config = methods.TrainConfig(epochs=1, train_size=500, test_size=200)
+    config = methods.TrainConfig(epochs=1, train_size=500, val_size=200)
     train.run(config, out)
     before = (out / "state_dict.pt").stat().st_mtime_ns
     train.run(config, out)
     assert "nothing to do" in capsys.readouterr().err
     assert (out / "state_dict.pt").stat().st_mtime_ns == before
 
-    other = pixgen("train", "--epochs", "1", "--train-size", "500", "--test-size", "200", "--seed", "1", "--out", out, check=False)
+    other = pixgen("train", "--epochs", "1", "--train-size", "500", "--val-size", "200", "--seed", "1", "--out", out, check=False)
     assert other.returncode == 1 and "--force" in other.stderr and "Traceback" not in other.stderr
     train.run(dataclasses.replace(config, seed=1), out, force=True)
     assert json.loads((out / "meta.json").read_text())["config"]["seed"] == 1
