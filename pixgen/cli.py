@@ -69,13 +69,14 @@ def grid(path, out, array, count, ncol):
 @click.argument("pipeline_file", metavar="PIPELINE", type=click.Path(dir_okay=False))
 @click.option("--root", "run_root", type=click.Path(file_okay=False), default=None, help="Folder for the stages' outputs and pipeline.json. Default: <root>/<pipeline file name>.")
 @click.option("--dry-run", is_flag=True, help="Print the command of every stage that would run; run nothing.")
-@click.option("--jobs", type=click.IntRange(1), default=1, help="Stages run at once, each as soon as its inputs are done (each a process with its own threads: on 2 cores, --jobs 2 with OMP_NUM_THREADS=1).")
+@click.option("--jobs", type=click.IntRange(1), default=None, help="Stages run at once, each as soon as its inputs are done (each a process with its own threads: on 2 cores, --jobs 2 with OMP_NUM_THREADS=1). Default: 1, or the cluster's threads with --scheduler.")
+@click.option("--scheduler", metavar="ADDRESS", default=None, help="Run each stage on a worker of this Dask distributed cluster (e.g. tcp://10.0.0.5:8786); the workers must see the same paths (a shared filesystem).")
 @data_root_option
-def run_pipeline(pipeline_file, run_root, dry_run, jobs, data_root):
+def run_pipeline(pipeline_file, run_root, dry_run, jobs, scheduler, data_root):
     """Run a pipeline file's stages, each cached: a second run does nothing."""
     from . import pipeline
 
-    click.echo(f"output: {pipeline.run(pipeline_file, run_root or home() / Path(pipeline_file).stem, data_root, dry_run, jobs)}")
+    click.echo(f"output: {pipeline.run(pipeline_file, run_root or home() / Path(pipeline_file).stem, data_root, dry_run, jobs, scheduler)}")
 
 
 for spec in STAGES.values():

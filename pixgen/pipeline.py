@@ -15,6 +15,7 @@ stage that stopped.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -246,18 +247,22 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run(path: str | Path, root: str | Path, data_root: str | None = None, dry_run: bool = False, jobs: int = 1) -> Path:
+def run(path: str | Path, root: str | Path, data_root: str | None = None, dry_run: bool = False, jobs: int | None = None, scheduler: str | None = None) -> Path:
     """Run every stage whose key is not recorded as finished, up to `jobs` at a time (each as soon
-    as the stages it reads are done); return the root. A failure lets the running stages finish,
-    starts no other, and is reported; a rerun continues from there, whatever `jobs` was."""
-    if jobs < 1:
+    as the stages it reads are done); return the root. With `scheduler` (a Dask distributed
+    scheduler's address) each stage's process runs on a worker of that cluster, `jobs` defaulting to
+    its thread count; the workers must see this machine's paths. A failure lets the running stages
+    finish, starts no other, and is reported; a rerun continues from there, whatever `jobs` or the
+    scheduler was."""
+    if jobs is not None and jobs < 1:
         raise PixgenError(f"--jobs must be at least 1, got {jobs}")
     stages = load(path)
     by_name = {s.name: s for s in stages}
-    root = Path(root)
+    # A worker may run in another folder: every path it is given is absolute.
+    root = Path(root).absolute() if scheduler else Path(root)
     state = read_state(root)
     recorded = state["stages"]
-    env = {**os.environ, **({"PIXGEN_DATA_ROOT": str(data_root)} if data_root else {})}
+    env = {"PIXGEN_DATA_ROOT": str(Path(data_root).absolute())} if data_root else {}
     started = time.perf_counter()
     heads = {s.name: f"[{i}/{len(stages)}] {s.name} ({s.command})" for i, s in enumerate(stages, 1)}
     done, todo = set(), []
@@ -273,6 +278,9 @@ def run(path: str | Path, root: str | Path, data_root: str | None = None, dry_ru
         return root
     root.mkdir(parents=True, exist_ok=True)
     record = threading.Lock()
+    client = _connect(scheduler) if scheduler else None
+    if jobs is None:
+        jobs = sum(client.nthreads().values()) if client else 1
 
     def execute(stage: Stage) -> float:
         # Only a stage whose recorded key differs replaces its output; a stage never finished
@@ -280,7 +288,13 @@ def run(path: str | Path, root: str | Path, data_root: str | None = None, dry_ru
         args = argv(stage, by_name, root, force=stage.name in recorded)
         log(f"{heads[stage.name]}: running  pixgen {' '.join(args)}  (elapsed {_clock(time.perf_counter() - started)})")
         t0 = time.perf_counter()
-        code = subprocess.run([sys.executable, "-m", "pixgen", *args], env=env, preexec_fn=_die_with_parent).returncode
+        if client is None:
+            code = run_stage(args, env)
+        else:
+            try:
+                code = client.submit(run_stage, args, env, key=f"pixgen-{stage.name}-{stage.key}", pure=False).result()
+            except Exception as exc:  # the worker died or the cluster went away: the stage did not finish
+                raise PixgenError(f"stage {stage.name!r} (pixgen {stage.command}) was lost on the cluster at {scheduler} ({type(exc).__name__}: {exc}); rerun to continue from this stage") from None
         seconds = time.perf_counter() - t0
         if code != 0:
             raise PixgenError(f"stage {stage.name!r} (pixgen {stage.command}) failed with exit code {code} after {seconds:.1f} s; fix it and rerun to continue from this stage")
@@ -291,7 +305,7 @@ def run(path: str | Path, root: str | Path, data_root: str | None = None, dry_ru
         return seconds
 
     failure = None
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    with ThreadPoolExecutor(max_workers=jobs) as pool, client or contextlib.nullcontext():
         running = {}
         while todo or running:
             ready = [s for s in todo if all(d in done for names in s.inputs.values() for d in names)]
@@ -313,6 +327,21 @@ def run(path: str | Path, root: str | Path, data_root: str | None = None, dry_ru
     for stage in stages:
         log(f"  {stage.name:<24} {_clock(recorded[stage.name]['seconds'])}")
     return root
+
+
+def run_stage(args: list[str], env: dict[str, str]) -> int:
+    """One stage's command as a process of its own, on this machine or on a cluster worker (with
+    that worker's environment, plus `env`); its exit code."""
+    return subprocess.run([sys.executable, "-m", "pixgen", *args], env={**os.environ, **env}, preexec_fn=_die_with_parent).returncode
+
+
+def _connect(address: str):
+    from distributed import Client
+
+    try:
+        return Client(address, timeout=30)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise PixgenError(f"cannot reach the Dask scheduler at {address!r} ({type(exc).__name__}: {exc}); start one (dask scheduler, then dask worker ADDRESS on machines that see the same files) or drop --scheduler") from None
 
 
 def _die_with_parent() -> None:

@@ -42,3 +42,20 @@ def pixgen(*args: str, check: bool = True, env: dict | None = None, **kwargs) ->
     if check and proc.returncode != 0:
         raise AssertionError(f"pixgen {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def cluster_address():
+    """The address of a local Dask cluster of 2 single-threaded worker processes (tests/_cluster.py),
+    shut down at the end of the session."""
+    cluster = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("_cluster.py"))],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        address = cluster.stdout.readline().strip()
+        assert address.startswith("tcp://127.0.0.1:"), address
+        yield address
+    finally:
+        cluster.stdin.close()
+        cluster.wait(timeout=60)

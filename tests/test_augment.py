@@ -79,19 +79,9 @@ def test_same_bytes_with_two_workers(shards, fractals, tmp):
 
 
 @pytest.mark.slow
-def test_same_bytes_on_a_distributed_cluster(shards, fractals, tmp):
-    cluster = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("_cluster.py"))],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
-    try:
-        address = cluster.stdout.readline().strip()
-        assert address.startswith("tcp://127.0.0.1:"), address
-        out = tmp / "cluster.zarr"
-        pixgen("augment", "--mixing", fractals, "--out", out, *CLI_CONFIG, "--scheduler", address)
-    finally:
-        cluster.stdin.close()
-        cluster.wait(timeout=60)
+def test_same_bytes_on_a_distributed_cluster(shards, fractals, tmp, cluster_address):
+    out = tmp / "cluster.zarr"
+    pixgen("augment", "--mixing", fractals, "--out", out, *CLI_CONFIG, "--scheduler", cluster_address)
     assert np.array_equal(_images(out), _images(shards))
 
 

@@ -439,3 +439,22 @@ def test_bounds_figure_pairs_the_lp_with_the_dual_bounds_by_digit(certified):
     assert np.array_equal(pairs(lp, flipped)[1], pairs(lp, dual)[1])
     fewer = {"indices": dual["indices"][:2], "bounds": dual["bounds"][:2]}
     assert len(pairs(lp, fewer)[0]) == 2 * 9
+
+
+def test_seeds_of_one_network_are_a_family_with_mean_and_spread(tmp_path):
+    """pixmix.seed-0/1/2 (FGSM ε 0.1: 40, 50, 60%) and std.seed-0/1 (30, 20%): one row per family
+    in "Across seeds" with mean ± sd [range]; paired tests only seed by seed across families."""
+    paths = []
+    for name, method, at_01 in [("pixmix.seed-0", "pixmix", 0.4), ("pixmix.seed-1", "pixmix", 0.5), ("pixmix.seed-2", "pixmix", 0.6), ("std.seed-0", "standard", 0.3), ("std.seed-1", "standard", 0.2)]:
+        doc = evaluation(tmp_path / "models" / name, method, 0.99, [0.99, at_01, 0.1, 0.0], ece=0.02, fpr95=0.5, dent=())
+        paths.append(evaluation_asset(tmp_path / f"eval-{name}.zarr", doc))
+    index = report.run(report.ReportConfig(table_eps=(0.1,)), paths, tmp_path / "report")
+    summary = (index.parent / "summary.md").read_text()
+    header, rows = table(summary, 1)
+    assert [r[0] for r in rows] == ["pixmix (pixmix) (seeds 0, 1, 2)", "std (standard) (seeds 0, 1)"]
+    fgsm = header.index("FGSM ε=0.1 (%)")
+    assert rows[0][fgsm] == "50.0 ± 10.0 [40.0, 60.0]" and rows[1][fgsm] == "25.0 ± 7.1 [20.0, 30.0]"
+    _, compared = table(summary, 2)
+    pairs_ = {(r[0], r[1]) for r in compared}
+    assert pairs_ == {("pixmix.seed-0 (pixmix)", "std.seed-0 (standard)"), ("pixmix.seed-1 (pixmix)", "std.seed-1 (standard)")}
+    assert 'id="seeds"' in index.read_text() and (index.parent / "fgsm_accuracy.png").is_file()

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import PixgenError, assets, data
+from .families import families
 from .load import ATTACKS, EPS_TOL, Evaluation, defence_label, row_label, threats
 from .load import rows as table_rows
 from .settings import ReportConfig
@@ -42,64 +43,105 @@ def _save(fig, folder: Path, name: str) -> Path:
 
 
 def _colors(evals: list[Evaluation]) -> dict[str, tuple]:
+    """One colour per family (the seeds of one network share it), keyed by each evaluation's label."""
     import matplotlib
 
-    cmap = matplotlib.colormaps["tab10" if len(evals) <= 10 else "tab20"]
-    return {ev.label: cmap(i % cmap.N) for i, ev in enumerate(evals)}
+    groups = families(evals)
+    cmap = matplotlib.colormaps["tab10" if len(groups) <= 10 else "tab20"]
+    return {ev.label: cmap(i % cmap.N) for i, family in enumerate(groups) for ev in family.members}
 
+
+def _mean_curve(members, defence: str, attack: str):
+    """(ε, mean worst accuracy in %, (lowest, highest) over the members) when every member ran the
+    same ε grid for this defence and attack; None otherwise."""
+    entries = [ev.doc["defenses"].get(defence, {}).get(attack) for ev in members]
+    if any(not e for e in entries) or any(len(e["eps"]) != len(entries[0]["eps"]) or not np.allclose(e["eps"], entries[0]["eps"], atol=EPS_TOL) for e in entries):
+        return None
+    worst = 100 * np.array([e["worst"] for e in entries], dtype=float)
+    return np.asarray(entries[0]["eps"]), worst.mean(0), (worst.min(0), worst.max(0))
 
 
 def accuracy_figure(evals: list[Evaluation], attack: str, config: ReportConfig, folder: Path) -> Path | None:
     """Accuracy against ε, one colour per model: solid without defence, dashed (dotted) the worst
     case of its first (second) DENT defence, dash-dot DENT's standard attack alone; each worst case
-    with its 95% interval as a band; a dotted vertical line at a robust model's training ε. The
-    model legend says what each DENT adapted, the line legend which threats a worst case covers."""
+    with its 95% interval as a band; a dotted vertical line at a robust model's training ε. A
+    network trained with several seeds is one colour: each seed drawn thin and faint, their mean
+    bold, the range over seeds as its band. The model legend says what each DENT adapted, the line
+    legend which threats a worst case covers."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     if not any(attack in results for ev in evals for results in ev.doc["defenses"].values()):
         return None
     colors = _colors(evals)
+    groups = families(evals)
     fig = _new_figure(11, 5.5)
     ax = fig.add_subplot()
     styles = {}
     trained = {}  # training ε → colours of the robust models trained at it
-    for ev in evals:
-        color = colors[ev.label]
-        defended = [d for d in ev.doc["defenses"] if d != "none"]
-        for defence, results in ev.doc["defenses"].items():
-            entry = results.get(attack)
-            if not entry:
-                continue
-            eps, worst = np.asarray(entry["eps"]), 100 * np.asarray(entry["worst"])
-            style = "-o" if defence == "none" else LINES[defended.index(defence) % len(LINES)]
-            ax.plot(eps, worst, style, color=color, ms=4, lw=1.8)
-            if "worst_interval" in entry:
-                band = 100 * np.asarray(entry["worst_interval"])
-                ax.fill_between(eps, band[:, 0], band[:, 1], color=color, alpha=0.12, lw=0)
-                styles["band"] = Patch(color="k", alpha=0.12, lw=0, label="95% interval of the worst case")
-            label = "no defence" if defence == "none" else f"{defence}, worst of {', '.join(threats(entry))}"
-            styles.setdefault(defence, Line2D([], [], color="k", ls=style[:-1] if len(style) > 2 else style[0], marker=style[-1], ms=4, label=label))
-            if defence != "none" and config.dent_standard and "standard" in entry:
-                ax.plot(eps, 100 * np.asarray(entry["standard"]), "-.", color=color, lw=1.0, alpha=0.6)
-                styles["standard"] = Line2D([], [], color="k", ls="-.", lw=1.0, alpha=0.6, label="DENT, standard attack only")
-        eps = ev.doc["model"].get("eps") if ev.doc["model"].get("method") in ROBUST_METHODS else None
-        if eps is not None:
-            trained.setdefault(eps, []).append(color)
+    top = 0.5
+    for family in groups:
+        several = len(family.members) > 1
+        for ev in family.members:
+            color = colors[ev.label]
+            defended = [d for d in ev.doc["defenses"] if d != "none"]
+            for defence, results in ev.doc["defenses"].items():
+                entry = results.get(attack)
+                if not entry:
+                    continue
+                eps, worst = np.asarray(entry["eps"]), 100 * np.asarray(entry["worst"])
+                top = max(top, float(eps.max()))
+                style = "-o" if defence == "none" else LINES[defended.index(defence) % len(LINES)]
+                if several:
+                    ax.plot(eps, worst, style[:-1] if len(style) > 2 else style[0], color=color, lw=0.8, alpha=0.35)
+                    styles["seed"] = Line2D([], [], color="k", lw=0.8, alpha=0.35, label="one seed of a family")
+                    continue
+                ax.plot(eps, worst, style, color=color, ms=4, lw=1.8)
+                if "worst_interval" in entry:
+                    band = 100 * np.asarray(entry["worst_interval"])
+                    ax.fill_between(eps, band[:, 0], band[:, 1], color=color, alpha=0.12, lw=0)
+                    styles["band"] = Patch(color="k", alpha=0.12, lw=0, label="95% interval of the worst case")
+                label = "no defence" if defence == "none" else f"{defence}, worst of {', '.join(threats(entry))}"
+                styles.setdefault(defence, Line2D([], [], color="k", ls=style[:-1] if len(style) > 2 else style[0], marker=style[-1], ms=4, label=label))
+                if defence != "none" and config.dent_standard and "standard" in entry:
+                    ax.plot(eps, 100 * np.asarray(entry["standard"]), "-.", color=color, lw=1.0, alpha=0.6)
+                    styles["standard"] = Line2D([], [], color="k", ls="-.", lw=1.0, alpha=0.6, label="DENT, standard attack only")
+        if several:
+            first = family.members[0]
+            defended = [d for d in first.doc["defenses"] if d != "none"]
+            for defence in first.doc["defenses"]:
+                curve = _mean_curve(family.members, defence, attack)
+                if curve is None:
+                    continue
+                eps, mean, (lo, hi) = curve
+                style = "-o" if defence == "none" else LINES[defended.index(defence) % len(LINES)]
+                ax.plot(eps, mean, style, color=colors[first.label], ms=4, lw=2.2)
+                ax.fill_between(eps, lo, hi, color=colors[first.label], alpha=0.12, lw=0, hatch="..")
+                styles["seeds"] = Patch(facecolor="none", edgecolor="k", hatch="..", lw=0, label="a family's mean (bold) and range over its seeds")
+                label = "no defence" if defence == "none" else f"{defence}, worst of {', '.join(threats(first.doc['defenses'][defence][attack]))}"
+                styles.setdefault(defence, Line2D([], [], color="k", ls=style[:-1] if len(style) > 2 else style[0], marker=style[-1], ms=4, label=label))
+        for ev in family.members[:1]:
+            eps = ev.doc["model"].get("eps") if ev.doc["model"].get("method") in ROBUST_METHODS else None
+            if eps is not None:
+                trained.setdefault(eps, []).append(colors[ev.label])
     for eps, shared in trained.items():
         # Models trained at the same ε share the line, in segments of their colours, so none hides another.
         for k, color in enumerate(shared):
             ax.axvline(eps, k / len(shared), (k + 1) / len(shared), color=color, ls=":", lw=1.6)
         styles["train"] = Line2D([], [], color="k", ls=":", lw=1.6, label="training ε (robust models)")
-    ax.set_xlim(0, 0.5)
+    ax.set_xlim(0, top)
     ax.set_ylim(0, 101)
-    ax.set_xticks(np.linspace(0, 0.5, 6))
+    ax.set_xticks(np.linspace(0, top, int(round(top / 0.1)) + 1 if top <= 1 else 6))
     ax.set_xlabel("L∞ budget ε (pixel units, images in [0, 1])")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"Test accuracy under {ATTACKS[attack]} against ε")
     ax.grid(alpha=0.3)
     # Outside the axes: inside, they would hide the curves' tails, where the robust models differ.
-    models = [Line2D([], [], color=colors[ev.label], lw=2.5, label="; ".join([ev.label, *(defence_label(ev, d) for d in ev.doc["defenses"] if d != "none")])) for ev in evals]
+    models = []
+    for family in groups:
+        ev = family.members[0]
+        name = ev.label if len(family.members) == 1 else f"{family.label}, {len(family.members)} seeds"
+        models.append(Line2D([], [], color=colors[ev.label], lw=2.5, label="; ".join([name, *(defence_label(ev, d) for d in ev.doc["defenses"] if d != "none")])))
     fig.legend(handles=models, title="model; DENT (what it adapts)", loc="outside right upper", fontsize=9)
     fig.legend(handles=list(styles.values()), title="line", loc="outside right lower", fontsize=9)
     return _save(fig, folder, f"{attack}_accuracy")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .. import PixgenError, __version__, assets
 from ..config import config_hash, to_dict
+from .families import seeds_html, seeds_markdown
 from .figures import accuracy_figure, adversarial_grid, bounds_figure, calibration_figure, corruption_figure, mixing_grid, mnist_c_grid, ood_figure, shards_grid
 from .load import ATTACKS, Certificate, Evaluation, bound_panels, load_certificates, load_evaluations, mixed_test_sets, sanity_warnings
 from .paired import Comparison, comparisons, paired_html, paired_markdown
@@ -49,7 +50,8 @@ def markdown(evals: list[Evaluation], cols: list[Column], found: list[Comparison
     notes = table_notes(evals, cols) + ([w] if (w := mixed_test_sets(evals)) else [])
     warnings = sanity_warnings(evals)
     checks = f"**{WARNINGS_HEAD}:**\n\n" + "".join(f"- {row}: {text}\n" for row, text in warnings) if warnings else NO_WARNINGS + "\n"
-    text = summary_markdown(evals, cols) + "\n" + "\n\n".join(notes) + "\n\n" + checks + "\n" + paired_markdown(found)
+    seeds = seeds_markdown(evals, cols)
+    text = summary_markdown(evals, cols) + "\n" + "\n\n".join(notes) + "\n\n" + (seeds + "\n" if seeds else "") + checks + "\n" + paired_markdown(found)
     return text + ("\n" + certified_markdown(certs, evals, cert_notes) if certs else "")
 
 
@@ -121,7 +123,8 @@ this page as PNG and SVG.</p>
 {f'<p class="note"><b>Warning:</b> {html.escape(warning)}</p>' if warning else ''}
 <h2>Summary</h2>
 {summary_html(evals, cols)}
-{notes}{_warnings_html(evals)}
+{notes}{seeds_html(evals, cols)}
+{_warnings_html(evals)}
 {paired_html(found)}
 {certified_html(certs, evals, cert_notes) if certs else ''}
 <h2>Figures</h2>

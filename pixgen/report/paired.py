@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import metrics
+from .families import family_label, seed_of
 from .load import ATTACKS, Evaluation, attack_digits, eps_index, row_label, rows, worst_outcomes
 from .settings import ReportConfig
 
@@ -45,8 +46,14 @@ class Comparison:
 
 
 def _compared(first: tuple[Evaluation, str], second: tuple[Evaluation, str]) -> bool:
+    """Two networks under the same defence (seeds of one family are not compared with each other,
+    and two families only seed by seed), or a network's DENT against its own undefended row."""
     (ev_a, d_a), (ev_b, d_b) = first, second
-    return d_a == d_b if ev_a is not ev_b else d_a == "none" and d_b != "none"
+    if ev_a is ev_b:
+        return d_a == "none" and d_b != "none"
+    if family_label(ev_a.label) == family_label(ev_b.label):
+        return False
+    return d_a == d_b and seed_of(ev_a) == seed_of(ev_b)
 
 
 def comparisons(evals: list[Evaluation], config: ReportConfig) -> list[Comparison]:
