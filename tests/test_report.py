@@ -458,3 +458,37 @@ def test_seeds_of_one_network_are_a_family_with_mean_and_spread(tmp_path):
     pairs_ = {(r[0], r[1]) for r in compared}
     assert pairs_ == {("pixmix.seed-0 (pixmix)", "std.seed-0 (standard)"), ("pixmix.seed-1 (pixmix)", "std.seed-1 (standard)")}
     assert 'id="seeds"' in index.read_text() and (index.parent / "fgsm_accuracy.png").is_file()
+
+
+def test_the_claim_section_tests_both_statements_per_condition(tmp_path):
+    """PixMix (3 seeds) against a primal family (3 seeds) and a dual network (1 seed), FGSM on
+    ε 0 … 1. PixMix falls behind the primal net at 0.25 and pulls ahead between 0.25 and 0.5
+    (crossing by interpolation: 0.375, 0.365, 0.386 for the three seeds), so statement 1 fails
+    against it; against the dual net it leads throughout. At ε 1 it keeps 30% while both fall to 0."""
+    grid = [0.0, 0.25, 0.5, 0.75, 1.0]
+    nets = {
+        **{f"pixmix.seed-{s}": ("pixmix", [0.99, 0.6, at_05, 0.3, 0.3]) for s, at_05 in enumerate([0.4, 0.45, 0.35])},
+        **{f"primal.seed-{s}": ("pgd", [0.98, 0.9, 0.1, 0.0, 0.0]) for s in range(3)},
+        "dual": ("dual", [0.98, 0.2, 0.0, 0.0, 0.0]),
+    }
+    paths = []
+    for name, (method, curve) in nets.items():
+        doc = evaluation(tmp_path / "models" / name, method, 0.99, [0.99, 0.5, 0.1, 0.0], ece=0.02, fpr95=0.5, dent=(), eps=None if method == "pixmix" else 0.1)
+        fgsm = np.stack([right(v) for v in curve])
+        doc["defenses"]["none"]["fgsm"] = attack_entry(grid, {"standard": fgsm})
+        paths.append(evaluation_asset(tmp_path / f"eval-{name}.zarr", doc, outcomes={"none_fgsm_standard": fgsm}))
+    index = report.run(report.ReportConfig(table_eps=(0.25,)), paths, tmp_path / "report")
+    summary = (index.parent / "summary.md").read_text()
+    section = summary[summary.index("## The claim") :]
+    header, rows = table(section)
+    by_robust = {r[1]: dict(zip(header, r)) for r in rows}
+    assert set(by_robust) == {"primal (pgd)", "dual (dual)"}
+    primal, dual = by_robust["primal (pgd)"], by_robust["dual (dual)"]
+    crossings = [0.25 + 0.25 * 0.3 / (0.3 + d) for d in (0.3, 0.35, 0.25)]
+    assert primal["crossing ε"] == f"{np.mean(crossings):.3f} ± {np.std(crossings, ddof=1):.3f} [{min(crossings):.3f}, {max(crossings):.3f}]"
+    assert dual["crossing ε"] == "0.000 ± 0.000 [0.000, 0.000]" and primal["seed pairs"] == "3" == dual["seed pairs"]
+    assert primal["PixMix ε=0.5 (%)"] == "40.0 ± 5.0 [35.0, 45.0]" and primal["PixMix ε=1 (%)"] == "30.0 ± 0.0 [30.0, 30.0]"
+    assert primal["statement 1 (p)"].startswith("fails (p=1;") and "ε 0.25" in primal["statement 1 (p)"]
+    assert dual["statement 1 (p)"].startswith("held (p=")
+    assert primal["statement 2 (p)"].startswith("held (p=") and dual["statement 2 (p)"].startswith("held (p=")
+    assert (index.parent / "claim.png").is_file() and 'id="claim"' in index.read_text()

@@ -377,3 +377,48 @@ def bounds_figure(panels: list, folder: Path) -> Path | None:
         top.legend(fontsize=8, loc="upper left")
     return _save(fig, folder, "certify_bounds")
 
+
+
+def claim_figure(found, folder: Path) -> Path | None:
+    """The claim's conditions side by side, a panel per PixMix network (its seeds faint, their
+    mean bold) with the robust networks it meets (their means), FGSM, no defence; a dotted
+    horizontal line at 20% and a shaded band above ε 0.24, where the claim puts PixMix ahead."""
+    from matplotlib.lines import Line2D
+
+    from .claim import ATTACK, FLOOR, FROM, units
+
+    if not found:
+        return None
+    panels = list({row.pixmix.label: row.pixmix for row in found}.values())
+    fig = _new_figure(max(7.0, 4.2 * len(panels)), 5.2)
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    robust = list({row.robust.label: row.robust for row in found}.values())
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10"]
+    colors = {f.label: cmap((i + 1) % cmap.N) for i, f in enumerate(robust)}
+    for ax, pixmix in zip(axes, panels):
+        shown = next(row.units for row in found if row.pixmix is pixmix)
+        for ev in pixmix.members:
+            entry = ev.doc["defenses"]["none"][ATTACK]
+            ax.plot(entry["eps"], 100 * np.asarray(entry["worst"]), color=cmap(0), lw=0.8, alpha=0.35)
+        top = 0.5
+        for family, color in [(pixmix, cmap(0)), *((row.robust, colors[row.robust.label]) for row in found if row.pixmix is pixmix)]:
+            curve = _mean_curve(family.members, "none", ATTACK)
+            if curve is not None:
+                eps, mean, _ = curve
+                top = max(top, float(eps.max()))
+                ax.plot(eps, mean, "-o", color=color, ms=3, lw=2.0)
+        ax.axhline(100 * FLOOR, color="k", ls=":", lw=1)
+        ax.axvspan(FROM, top, color="k", alpha=0.05, lw=0)
+        ax.set_xlim(0, top)
+        ax.set_ylim(0, 101)
+        ax.set_title(f"{pixmix.label}\n({len(pixmix.members)} seed(s), ε in {shown} units)", fontsize=9)
+        ax.set_xlabel(f"FGSM ε ({shown} units)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (%)")
+    handles = [Line2D([], [], color=cmap(0), lw=2, label="PixMix: mean over seeds (each seed faint)")]
+    handles += [Line2D([], [], color=colors[f.label], lw=2, label=f"{f.label}: mean of {len(f.members)} seed(s), ε in {units(f.members[0])} units") for f in robust]
+    handles += [Line2D([], [], color="k", ls=":", lw=1, label=f"{FLOOR:.0%}; shaded: ε > {FROM:g}")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8)
+    return _save(fig, folder, "claim")

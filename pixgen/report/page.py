@@ -14,8 +14,10 @@ from pathlib import Path
 
 from .. import PixgenError, __version__, assets
 from ..config import config_hash, to_dict
+from .claim import claim_html, claim_markdown
+from .claim import rows as claim_rows
 from .families import seeds_html, seeds_markdown
-from .figures import accuracy_figure, adversarial_grid, bounds_figure, calibration_figure, corruption_figure, mixing_grid, mnist_c_grid, ood_figure, shards_grid
+from .figures import accuracy_figure, claim_figure, adversarial_grid, bounds_figure, calibration_figure, corruption_figure, mixing_grid, mnist_c_grid, ood_figure, shards_grid
 from .load import ATTACKS, Certificate, Evaluation, bound_panels, load_certificates, load_evaluations, mixed_test_sets, sanity_warnings
 from .paired import Comparison, comparisons, paired_html, paired_markdown
 from .settings import ReportConfig
@@ -34,6 +36,9 @@ CAPTIONS = {
     "asset both hold: its LP bound on the margin f_y − f_j (x) against the dual network's bound with fixed slopes (circles) and "
     "with optimised slopes (crosses), all over the same relaxation; below, the gap LP − bound. Weak duality puts every point on "
     "or below the diagonal; optimised slopes reach it (strong duality). Points right of 0 are classes the LP rules out.",
+    "claim": "A panel per PixMix network: its seeds faint, their mean bold, with the mean of every robust network it is "
+    "compared with; FGSM, no defence, at the ε each evaluation states (the units in the panel's title). Dotted: 20%; shaded: "
+    "ε above 0.24, where the claim puts PixMix ahead.",
     "ood": "Anomaly score: −max softmax probability; out-of-distribution is the positive class, so the true-positive rate "
     "is the share of out-of-distribution images flagged and the false-positive rate that of MNIST test digits.",
 }
@@ -45,13 +50,15 @@ NO_WARNINGS = "Sanity checks (pixgen evaluate): no warning."
 # ---------------------------------------------------------------- summary.md
 
 
-def markdown(evals: list[Evaluation], cols: list[Column], found: list[Comparison], certs: list[Certificate] = (), cert_notes: list[str] = ()) -> str:
-    """summary.md: the summary table and its notes, the warnings, the paired tests and the certified table."""
+def markdown(evals: list[Evaluation], cols: list[Column], found: list[Comparison], certs: list[Certificate] = (), cert_notes: list[str] = (), claim=()) -> str:
+    """summary.md: the summary table and its notes, the families, the warnings, the paired tests,
+    the claim and the certified table."""
     notes = table_notes(evals, cols) + ([w] if (w := mixed_test_sets(evals)) else [])
     warnings = sanity_warnings(evals)
     checks = f"**{WARNINGS_HEAD}:**\n\n" + "".join(f"- {row}: {text}\n" for row, text in warnings) if warnings else NO_WARNINGS + "\n"
     seeds = seeds_markdown(evals, cols)
     text = summary_markdown(evals, cols) + "\n" + "\n\n".join(notes) + "\n\n" + (seeds + "\n" if seeds else "") + checks + "\n" + paired_markdown(found)
+    text += "\n" + claim_markdown(claim) if claim else ""
     return text + ("\n" + certified_markdown(certs, evals, cert_notes) if certs else "")
 
 
@@ -95,7 +102,14 @@ def _warnings_html(evals: list[Evaluation]) -> str:
     return f'<div class="note warnings" id="warnings"><p><b>{html.escape(WARNINGS_HEAD)}:</b></p><ul>{items}</ul></div>'
 
 
-def page(evals: list[Evaluation], cols: list[Column], figures: list[tuple[str, Path, str]], found: list[Comparison], certs: list[Certificate] = (), cert_notes: list[str] = ()) -> str:
+def _figure(title: str, png: Path, caption: str) -> str:
+    return (
+        f'<figure id="{png.stem}"><h3>{html.escape(title)}</h3><img src="{_data_uri(png)}" alt="{html.escape(title)}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+def page(evals: list[Evaluation], cols: list[Column], figures: list[tuple[str, Path, str]], found: list[Comparison], certs: list[Certificate] = (), cert_notes: list[str] = (), claim=(), claim_png: Path | None = None) -> str:
     inputs = "".join(
         f"<tr><th>{html.escape(ev.label)}</th><td>{html.escape(str(ev.doc['model'].get('arch')))}</td>"
         f"<td>{html.escape(', '.join(ev.doc['defenses']))}</td><td>{ev.doc.get('data', {}).get('test_count')}</td>"
@@ -105,11 +119,7 @@ def page(evals: list[Evaluation], cols: list[Column], figures: list[tuple[str, P
     )
     warning = mixed_test_sets(evals)
     notes = "".join(f'<p class="note">{html.escape(n)}</p>\n' for n in table_notes(evals, cols))
-    sections = "".join(
-        f'<figure id="{png.stem}"><h3>{html.escape(title)}</h3><img src="{_data_uri(png)}" alt="{html.escape(title)}">'
-        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-        for title, png, caption in figures
-    )
+    sections = "".join(_figure(title, png, caption) for title, png, caption in figures)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>pixgen report</title>
 <style>{CSS}</style></head>
@@ -126,6 +136,7 @@ this page as PNG and SVG.</p>
 {notes}{seeds_html(evals, cols)}
 {_warnings_html(evals)}
 {paired_html(found)}
+{claim_html(claim, _figure("The claim's conditions: PixMix against the robust networks under FGSM", claim_png, CAPTIONS["claim"]) if claim_png else "")}
 {certified_html(certs, evals, cert_notes) if certs else ''}
 <h2>Figures</h2>
 {sections}
@@ -195,8 +206,10 @@ def run(config: ReportConfig, evals, out, *, fractals=None, featvis=None, shards
         for i, ev in enumerate(evaluations):
             if "none" in ev.doc["defenses"] and (png := adversarial_grid(ev, config.adv_eps, tmp, f"adversarial_{i}")):
                 figures.append((f"Adversarial digits: {ev.label}", png, f"{ev.path}: the static network's adversarial digits as the evaluation stored them."))
-        (tmp / "summary.md").write_text(markdown(evaluations, cols, found, certs, cert_notes))
-        (tmp / "index.html").write_text(page(evaluations, cols, figures, found, certs, cert_notes))
+        claim = claim_rows(evaluations)
+        claim_png = claim_figure(claim, tmp)
+        (tmp / "summary.md").write_text(markdown(evaluations, cols, found, certs, cert_notes, claim))
+        (tmp / "index.html").write_text(page(evaluations, cols, figures, found, certs, cert_notes, claim, claim_png))
         marker = {
             "pixgen_version": __version__,
             "stage": "report",
