@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 PIXGEN  := $(BIN)/pixgen
 
-.PHONY: install data experiment test bench clean
+.PHONY: install data experiment claim test bench clean
 
 install: $(BIN)/pixgen
 
@@ -27,6 +27,11 @@ data: install
 # The whole study on full MNIST (pipelines/mnist.yaml), cached stage by stage under data/mnist/.
 experiment: install
 	$(PIXGEN) run pipelines/mnist.yaml
+
+# The claim's grid of conditions (pipelines/claim.yaml) in make experiment's root, so the stages
+# both files name alike run once; two stages at a time, one thread each.
+claim: install
+	OMP_NUM_THREADS=1 $(PIXGEN) run pipelines/claim.yaml --root "$${PIXGEN_HOME:-data}/mnist" --jobs 2
 
 test: install
 	$(BIN)/pytest -q
