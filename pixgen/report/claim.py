@@ -3,7 +3,9 @@ primal and the dual network, and it keeps accuracy above 20% at very large ε wh
 to 0", tested for every PixMix network the report holds against every robust one.
 
 A condition is a PixMix family (pixgen.report.families: its seeds) against a robust family, both
-undefended, under FGSM at the ε their evaluations state (in the units each evaluation says). Each
+undefended, under FGSM at the ε their evaluations state (in the units each evaluation says: a
+PixMix network with an input normalisation attacked in input units is compared at its stated ε,
+smaller in pixels, and its row says so). Each
 PixMix seed is paired with the robust family's seed of the same number, or with its only network.
 
 - Crossing ε: where PixMix's accuracy minus the robust network's turns positive for good (every
@@ -74,9 +76,11 @@ def _pairs(pixmix: Family, robust: Family) -> list[tuple[Evaluation, Evaluation]
     return [(p, by_seed[seed_of(p)]) for p in pixmix.members if seed_of(p) in by_seed]
 
 
-def _curve(ev: Evaluation) -> tuple[np.ndarray, np.ndarray] | None:
+def stated_curve(ev: Evaluation) -> tuple[np.ndarray, np.ndarray] | None:
+    """(ε as the evaluation states it, in its units; worst-case accuracy): the claim compares
+    networks at their stated ε, which is how a unit mismatch would have entered it."""
     entry = ev.doc["defenses"].get("none", {}).get(ATTACK)
-    return None if not entry else (np.asarray(entry["eps"], float), np.asarray(entry["worst"], float))
+    return None if not entry else (np.asarray(entry.get("stated_eps", entry["eps"]), float), np.asarray(entry["worst"], float))
 
 
 def crossing(eps: np.ndarray, diff: np.ndarray) -> float | None:
@@ -101,7 +105,7 @@ def _pooled(pairs, at: float) -> tuple[np.ndarray, np.ndarray] | None:
     for p, r in pairs:
         dp, dr = attack_digits(p), attack_digits(r)
         op, orr = worst_outcomes(p, "none", ATTACK), worst_outcomes(r, "none", ATTACK)
-        ip, ir = eps_index(p.doc["defenses"]["none"][ATTACK]["eps"], at), eps_index(r.doc["defenses"]["none"][ATTACK]["eps"], at)
+        ip, ir = eps_index(list(stated_curve(p)[0]), at), eps_index(list(stated_curve(r)[0]), at)
         if dp is None or dr is None or not np.array_equal(dp, dr) or op is None or orr is None or ip is None or ir is None:
             continue
         a.append(op[ip])
@@ -144,19 +148,19 @@ def _large(pairs, grid: np.ndarray) -> Test:
 
 def rows(evals: list[Evaluation]) -> list[Row]:
     """A row per (PixMix family, robust family) with FGSM results on both."""
-    groups = [f for f in families(evals) if all(_curve(ev) is not None for ev in f.members)]
+    groups = [f for f in families(evals) if all(stated_curve(ev) is not None for ev in f.members)]
     out = []
     for pixmix in (f for f in groups if _method(f) == "pixmix"):
         for robust in (f for f in groups if _method(f) in ROBUST):
             pairs = _pairs(pixmix, robust)
-            grids = [_curve(ev)[0] for pair in pairs for ev in pair]
+            grids = [stated_curve(ev)[0] for pair in pairs for ev in pair]
             if not pairs or any(len(g) != len(grids[0]) or not np.allclose(g, grids[0], atol=EPS_TOL) for g in grids):
                 continue  # no pair, or grids that do not line up: nothing to compare ε by ε
             grid = grids[0]
-            crossings = [crossing(grid, _curve(p)[1] - _curve(r)[1]) for p, r in pairs]
+            crossings = [crossing(grid, stated_curve(p)[1] - stated_curve(r)[1]) for p, r in pairs]
 
             def at(members, e):
-                return spread(None if (i := eps_index(list(grid), e)) is None else 100 * _curve(ev)[1][i] for ev in members)
+                return spread(None if (i := eps_index(list(grid), e)) is None else 100 * stated_curve(ev)[1][i] for ev in members)
 
             out.append(Row(
                 pixmix, robust, units(pixmix.members[0]), len(pairs), spread(c for c in crossings if c is not None), crossings.count(None),

@@ -385,7 +385,7 @@ def claim_figure(found, folder: Path) -> Path | None:
     horizontal line at 20% and a shaded band above ε 0.24, where the claim puts PixMix ahead."""
     from matplotlib.lines import Line2D
 
-    from .claim import ATTACK, FLOOR, FROM, units
+    from .claim import FLOOR, FROM, stated_curve, units
 
     if not found:
         return None
@@ -400,15 +400,14 @@ def claim_figure(found, folder: Path) -> Path | None:
     for ax, pixmix in zip(axes, panels):
         shown = next(row.units for row in found if row.pixmix is pixmix)
         for ev in pixmix.members:
-            entry = ev.doc["defenses"]["none"][ATTACK]
-            ax.plot(entry["eps"], 100 * np.asarray(entry["worst"]), color=cmap(0), lw=0.8, alpha=0.35)
+            eps, worst = stated_curve(ev)
+            ax.plot(eps, 100 * worst, color=cmap(0), lw=0.8, alpha=0.35)
         top = 0.5
         for family, color in [(pixmix, cmap(0)), *((row.robust, colors[row.robust.label]) for row in found if row.pixmix is pixmix)]:
-            curve = _mean_curve(family.members, "none", ATTACK)
-            if curve is not None:
-                eps, mean, _ = curve
-                top = max(top, float(eps.max()))
-                ax.plot(eps, mean, "-o", color=color, ms=3, lw=2.0)
+            curves = [stated_curve(ev) for ev in family.members]
+            eps = curves[0][0]
+            top = max(top, float(eps.max()))
+            ax.plot(eps, 100 * np.mean([w for _, w in curves], axis=0), "-o", color=color, ms=3, lw=2.0)
         ax.axhline(100 * FLOOR, color="k", ls=":", lw=1)
         ax.axvspan(FROM, top, color="k", alpha=0.05, lw=0)
         ax.set_xlim(0, top)
