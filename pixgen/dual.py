@@ -44,6 +44,8 @@ from __future__ import annotations
 
 import functools
 
+import numba
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,20 +63,21 @@ def bounds(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: float, p
     projections=0, else the k-projection median estimate used for training. Differentiable in the
     model's parameters; random draws come from `generator`, else torch's global RNG."""
     layers = _check(model)
-    shapes = _shapes(layers, x)
-    lo, hi = (x - eps).clamp(min=0), (x + eps).clamp(max=1)
+    shapes = [_channels_last(s) for s in _shapes(layers, x)]
+    weights = _weights(layers, shapes)
+    lo, hi = (x - eps).clamp(min=0).permute(0, 2, 3, 1), (x + eps).clamp(max=1).permute(0, 2, 3, 1)
     if projections:
         if projections >= x[0].numel():
             raise PixgenError(f"need fewer projections than input values ({x[0].numel()}); use projections=0 for the exact bound")
-        relus = _relax_projected(layers, shapes, lo, hi, projections, generator)
+        relus = _relax_projected(layers, weights, shapes, lo, hi, projections, generator)
     else:
-        relus = _relax_exact(layers, shapes, lo, hi)
+        relus = _relax_exact(layers, weights, shapes, lo, hi)
     classes = shapes[-1][0]
     eye = torch.eye(classes, dtype=x.dtype, device=x.device)
     lam = eye[None] - eye[y][:, None]  # row j: e_j − e_y
     if projections:  # the library's unclipped ε-ball input term
-        return _margins(layers, lam, relus, shapes, x, torch.full_like(x, eps))
-    return _margins(layers, lam, relus, shapes, (hi + lo) / 2, (hi - lo) / 2)
+        return _margins(layers, weights, lam, relus, shapes, x.permute(0, 2, 3, 1), torch.full_like(lo, eps))
+    return _margins(layers, weights, lam, relus, shapes, (hi + lo) / 2, (hi - lo) / 2)
 
 
 def _check(model: nn.Module) -> list[nn.Module]:
@@ -99,10 +102,32 @@ def _shapes(layers: list[nn.Module], x: torch.Tensor) -> list[tuple[int, ...]]:
     for layer in layers:
         z = layer(z)
         shapes.append(tuple(z.shape[1:]))
-    for layer, shape in zip(layers, shapes):
+    for layer, shape, out in zip(layers, shapes, shapes[1:]):
         if isinstance(layer, nn.Linear) and len(shape) != 1:
             raise PixgenError("pixgen.dual needs flat inputs to Linear layers (put nn.Flatten() before them)")
+        if isinstance(layer, nn.Flatten) and len(out) != 1:
+            raise PixgenError("pixgen.dual needs Flatten layers that flatten each example whole")
     return shapes
+
+
+def _channels_last(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A per-example shape in this module's layout: maps (C, H, W) are held as (H, W, C), so that
+    oneDNN's convolutions take and give them without copies (and elementwise ops never meet two
+    layouts, which sends them off their fast paths)."""
+    return (*shape[1:], shape[0]) if len(shape) == 3 else shape
+
+
+def _weights(layers: list[nn.Module], shapes: list[tuple[int, ...]]) -> dict[int, torch.Tensor]:
+    """Each Linear's weight, its columns reordered to read a flattened (H, W, C) map."""
+    weights, flat = {}, None
+    for i, layer in enumerate(layers):
+        if isinstance(layer, nn.Flatten) and len(shapes[i]) == 3:
+            flat = shapes[i]
+        elif isinstance(layer, nn.Linear):
+            height, width, channels = flat or (None, None, None)
+            weights[i] = layer.weight if flat is None else layer.weight.unflatten(1, (channels, height, width)).permute(0, 2, 3, 1).flatten(1)
+            flat = None
+    return weights
 
 
 def _relax(zl: torch.Tensor, zu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,28 +138,56 @@ def _relax(zl: torch.Tensor, zu: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return d, torch.where(unstable, zl, torch.zeros_like(zl))
 
 
-def _affine_t(layer: nn.Module, lam: torch.Tensor, in_shape: tuple[int, ...]) -> torch.Tensor:
+def _affine_t(layer: nn.Module, weight: torch.Tensor | None, lam: torch.Tensor, in_shape: tuple[int, ...]) -> torch.Tensor:
     """λ ← Wᵀλ for rows λ (B, N, *out_shape)."""
     b, n = lam.shape[:2]
     if isinstance(layer, nn.Linear):
-        return lam.matmul(layer.weight)
+        return lam.matmul(weight)
     if isinstance(layer, nn.Flatten):
         return lam.reshape(b, n, *in_shape)
     out = lam.reshape(b * n, *lam.shape[2:])
     k, s, p, dil = layer.kernel_size, layer.stride, layer.padding, layer.dilation
     if layer.in_channels <= FOLD_CHANNELS and layer.groups == 1:
-        # oneDNN's transposed conv is slow when it makes few channels; Wᵀ on each position, then col2im, is not
-        cols = layer.weight.flatten(1).t().matmul(out.flatten(2))
-        out = F.fold(cols, in_shape[1:], k, dilation=dil, padding=p, stride=s)
+        out = _FoldTranspose.apply(out, layer.weight, in_shape[:2], s, p, dil)
     else:
-        pad = tuple(in_shape[1 + i] - ((out.shape[2 + i] - 1) * s[i] - 2 * p[i] + dil[i] * (k[i] - 1) + 1) for i in range(2))
-        out = out.contiguous(memory_format=torch.channels_last)  # oneDNN is ~2× faster so
-        out = F.conv_transpose2d(out, layer.weight, stride=s, padding=p, output_padding=pad, groups=layer.groups, dilation=dil)
-        out = out.contiguous()  # elementwise kernels on channels-last 5-D views fall off their fast paths
-    return out.reshape(b, n, *in_shape)
+        pad = tuple(in_shape[i] - ((out.shape[1 + i] - 1) * s[i] - 2 * p[i] + dil[i] * (k[i] - 1) + 1) for i in range(2))
+        out = F.conv_transpose2d(out.permute(0, 3, 1, 2), layer.weight, stride=s, padding=p, output_padding=pad, groups=layer.groups, dilation=dil)
+    return out.permute(0, 2, 3, 1).reshape(b, n, *in_shape)
 
 
-def _backward(layers, stop, lam, relus, shapes, centre, radius):
+class _FoldTranspose(torch.autograd.Function):
+    """Wᵀλ of a Conv2d with few input channels, for λ (N, H', W', C_out): oneDNN's transposed conv
+    is slow when it makes few channels; Wᵀ at each position, then col2im, is not. Its gradient is
+    the layer's own conv (and that conv's weight gradient), which oneDNN does fast, where autograd
+    would go back through col2im by im2col several times slower."""
+
+    @staticmethod
+    def forward(ctx, lam, weight, size, stride, padding, dilation):
+        ctx.save_for_backward(lam, weight)
+        ctx.geometry = stride, padding, dilation
+        cols = weight.flatten(1).t().matmul(lam.flatten(1, 2).mT)
+        return F.fold(cols, size, weight.shape[2:], dilation=dilation, padding=padding, stride=stride)
+
+    @staticmethod
+    def backward(ctx, grad):
+        lam, weight = ctx.saved_tensors
+        stride, padding, dilation = ctx.geometry
+        lam_nchw = lam.permute(0, 3, 1, 2)
+        grad_lam = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_lam = F.conv2d(grad, weight, None, stride, padding, dilation).permute(0, 2, 3, 1)
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.ops.aten.convolution_backward(lam_nchw, grad, weight, None, stride, padding, dilation, False, [0, 0], 1, [False, True, False])[1]
+        return grad_lam, grad_weight, None, None, None, None
+
+
+def _bias_t(layer: nn.Module, lam: torch.Tensor) -> torch.Tensor:
+    """λᵀb of the layer's bias for rows λ (B, N, *out_shape)."""
+    summed = lam if isinstance(layer, nn.Linear) else lam.sum((-3, -2))
+    return summed.matmul(layer.bias)
+
+
+def _backward(layers, weights, stop, lam, relus, shapes, centre, radius):
     """(lin, abs) of U for the rows λ (B or 1, N, *shape) at the output of layers[stop − 1], the
     input box being centre ± radius."""
     lin = abs_ = 0
@@ -148,16 +201,15 @@ def _backward(layers, stop, lam, relus, shapes, centre, radius):
             abs_ = abs_ - flat.abs().matmul(low).squeeze(2) / 2  # −l ≥ 0 on I
             continue
         if getattr(layer, "bias", None) is not None:
-            summed = lam if isinstance(layer, nn.Linear) else lam.sum((-2, -1))
-            lin = lin + summed.matmul(layer.bias)
-        lam = _affine_t(layer, lam, shapes[i])
+            lin = lin + _bias_t(layer, lam)
+        lam = _affine_t(layer, weights.get(i), lam, shapes[i])
     flat = lam.flatten(2)
     lin = lin + flat.matmul(centre.flatten(1)[:, :, None]).squeeze(2)
     abs_ = abs_ + flat.abs().matmul(radius.flatten(1)[:, :, None]).squeeze(2)
     return lin, abs_
 
 
-def _margins(layers, lam, relus, shapes, centre, radius):
+def _margins(layers, weights, lam, relus, shapes, centre, radius):
     """U for the margin rows λ (B, C, C): _backward with each ReLU term's halves merged back
     into (−l)[ν]_+ and products summed elementwise, whose gradients cost less than batched
     matrix-vector products' in the pass that training differentiates."""
@@ -170,13 +222,12 @@ def _margins(layers, lam, relus, shapes, centre, radius):
             bound = bound - (F.relu(lam) * low[:, None]).flatten(2).sum(2)
             continue
         if getattr(layer, "bias", None) is not None:
-            summed = lam if isinstance(layer, nn.Linear) else lam.sum((-2, -1))
-            bound = bound + summed.matmul(layer.bias)
-        lam = _affine_t(layer, lam, shapes[i])
+            bound = bound + _bias_t(layer, lam)
+        lam = _affine_t(layer, weights.get(i), lam, shapes[i])
     return bound + (lam * centre[:, None]).flatten(2).sum(2) + (lam.abs() * radius[:, None]).flatten(2).sum(2)
 
 
-def _relax_exact(layers, shapes, lo, hi):
+def _relax_exact(layers, weights, shapes, lo, hi):
     """Each ReLU's (d, l on I), its pre-activation bounds from backward passes over all its units."""
     relus = {}
     centre, radius = (hi + lo) / 2, (hi - lo) / 2
@@ -194,7 +245,7 @@ def _relax_exact(layers, shapes, lo, hi):
             parts = []
             for s in range(0, units, step):
                 rows = torch.eye(units, dtype=lo.dtype, device=lo.device)[s : s + step].reshape(1, -1, *shape)
-                lin, abs_ = _backward(layers, i, rows, relus, shapes, centre, radius)
+                lin, abs_ = _backward(layers, weights, i, rows, relus, shapes, centre, radius)
                 parts.append((lin.expand(batch, -1), abs_.expand(batch, -1)))
             lin = torch.cat([p[0] for p in parts], 1).reshape(batch, *shape)
             abs_ = torch.cat([p[1] for p in parts], 1).reshape(batch, *shape)
@@ -203,11 +254,11 @@ def _relax_exact(layers, shapes, lo, hi):
 
 
 def _windowed(layers, stop, relus, shapes, centre, radius):
-    """(lin, abs) (B, C, H, W) of every unit of a conv layer's output (layers[:stop] all Conv2d
+    """(lin, abs) (B, H, W, C) of every unit of a conv layer's output (layers[:stop] all Conv2d
     and ReLU): the backward pass of a unit only reaches its receptive field, so each unit's rows
     live on windows — translates of one another — instead of whole feature maps. The rows of the
     C units at one position start as the identity, shared by the batch and the positions."""
-    channels, height, width = shapes[stop]
+    height, width, channels = shapes[stop]
     batch = centre.shape[0]
     per_example = height * width * channels * max(torch.Size(s).numel() for s in shapes[:stop])
     step = max(1, CHUNK_FLOATS // per_example)
@@ -217,18 +268,19 @@ def _windowed(layers, stop, relus, shapes, centre, radius):
         parts.append(_windowed_part(layers, stop, relus_part, shapes, centre[s : s + step], radius[s : s + step]))
     lin = torch.cat([p[0] for p in parts])
     abs_ = torch.cat([p[1] for p in parts])
-    return (t.transpose(1, 2).reshape(len(t), channels, height, width) for t in (lin, abs_))
+    return (t.reshape(len(t), height, width, channels) for t in (lin, abs_))
 
 
 def _windowed_part(layers, stop, relus, shapes, centre, radius):
-    channels, height, width = shapes[stop]
+    height, width, channels = shapes[stop]
     batch = centre.shape[0]
     eye = torch.eye(channels, dtype=centre.dtype, device=centre.device)
     lam = eye.reshape(1, 1, channels, channels, 1, 1)  # (batch, position, unit, *window)
     size, stride, pad = (1, 1), (1, 1), (0, 0)
     lin = abs_ = 0
 
-    def windows(t):  # (b, c, H, W) → (b, positions, c, *size): the unfolded windows of a map
+    def windows(t):  # (b, H, W, c) → (b, positions, c, *size): the unfolded windows of a map
+        t = t.permute(0, 3, 1, 2)
         right = [(n - 1) * st + sz - full - p for n, st, sz, full, p in zip((height, width), stride, size, t.shape[-2:], pad)]
         padded = F.pad(t, (pad[1], right[1], pad[0], right[0]))  # a negative pad crops what no window reaches
         unfolded = F.unfold(padded, size, stride=stride)
@@ -265,31 +317,32 @@ def _windowed_part(layers, stop, relus, shapes, centre, radius):
     return lin.expand(batch, height * width, channels), abs_.expand(batch, height * width, channels)
 
 
-def _relax_projected(layers, shapes, lo, hi, k, generator):
-    """Each ReLU's (d, l on I), its pre-activation bounds estimated by the library's projections."""
+def _relax_projected(layers, weights, shapes, lo, hi, k, generator):
+    """Each ReLU's (d, l on I), its pre-activation bounds estimated by the library's projections.
+    The rows travel as blocks of k, one per estimate, each through every layer on its own: no
+    concatenation, and each median reads a block whole."""
     batch = lo.shape[0]
     projection = _cauchy((1, k, *shapes[0]), lo, generator)
     centre = (hi + lo) / 2
-    rows = torch.cat([projection * hi[:, None], projection * lo[:, None]], 1)
-    groups = [(1.0, True), (-1.0, True)]  # per k-row group: (sign in abs, median estimate?)
+    blocks = [(projection * hi[:, None], 1.0, True), (projection * lo[:, None], -1.0, True)]  # (rows, sign in abs, median estimate?)
     relus = {}
     last_relu = max((i for i, layer in enumerate(layers) if isinstance(layer, nn.ReLU)), default=-1)
     for i, layer in enumerate(layers[: last_relu + 1]):
         if not isinstance(layer, nn.ReLU):
-            centre, rows = layer(centre), _affine_rows(layer, rows)
+            centre = _affine_rows(layer, weights.get(i), centre[:, None], bias=True)[:, 0]
+            blocks = [(_affine_rows(layer, weights.get(i), rows), sign, median) for rows, sign, median in blocks]
             continue
-        groups_rows = rows.split(k, 1)
-        estimates = [_abs_median(g) if median else g.abs().sum(1) for g, (_, median) in zip(groups_rows, groups)]
-        abs_ = sum(sign * e for (sign, _), e in zip(groups, estimates)) / 2
+        abs_ = sum(sign * (_abs_median(rows) if median else rows.abs().sum(1)) for rows, sign, median in blocks) / 2
         d, low = _relax(centre - abs_, centre + abs_)
         relus[i] = (d, low)
         if i == last_relu:
             break
         scale = (low * d)[:, None]
         unstable = int((low < 0).sum())
-        if unstable > k:  # draws on the unstable units only, as the library
-            mask = (low < 0)[:, None].expand(batch, k, *shapes[i])
-            new = torch.zeros(mask.shape, dtype=lo.dtype, device=lo.device).masked_scatter_(mask, _cauchy((unstable * k,), lo, generator)) * scale
+        if unstable > k:
+            # the library draws on the unstable units only; elsewhere the scale is 0, so drawing
+            # everywhere has the same law and saves a scatter
+            new = _cauchy((batch, k, *shapes[i]), lo, generator) * scale
         else:  # the library's exact rows: one per unstable unit, at most k per example
             flat = scale.flatten(2)[:, 0]
             first = min(k, flat.shape[1])
@@ -297,9 +350,8 @@ def _relax_projected(layers, shapes, lo, hi, k, generator):
             one_hot = torch.zeros(batch, k, flat.shape[1], dtype=lo.dtype, device=lo.device)
             one_hot[:, :first].scatter_(2, index[:, :, None], 1.0)
             new = (one_hot * flat[:, None]).reshape(batch, k, *shapes[i])
-        groups.append((1.0, unstable > k))
         centre = d * (centre - low / 2)
-        rows = torch.cat([d[:, None] * rows, new], 1)
+        blocks = [(d[:, None] * rows, sign, median) for rows, sign, median in blocks] + [(new, 1.0, unstable > k)]
     return relus
 
 
@@ -317,33 +369,57 @@ def _abs_median(rows: torch.Tensor) -> torch.Tensor:
 
 
 class _NetworkAbsMedian(torch.autograd.Function):
-    """The median by a pruned Batcher sorting network of elementwise min/max: an order of
-    magnitude faster on CPU than torch.median's strided reduction. The gradient goes to the
-    elements whose magnitude equals it (ties are zeros, whose sign passes no gradient)."""
+    """The median by a pruned Batcher sorting network, run by one Numba kernel per example on a
+    copy of its |rows| small enough to stay in cache: torch's elementwise min/max network made one
+    pass over memory per comparator, and torch.median is slower still. The gradient goes to the
+    chosen element, as torch.median's does (a tie of magnitudes is one of zeros, whose sign passes
+    no gradient, or of measure zero)."""
 
     @staticmethod
     def forward(ctx, rows):
-        magnitudes = rows.abs()
-        size = rows.shape[1]
-        wires = list(magnitudes.unbind(1))
-        for a, b, want_min, want_max in _selection_network(size, (size - 1) // 2):
-            low = torch.minimum(wires[a], wires[b]) if want_min else None
-            high = torch.maximum(wires[a], wires[b]) if want_max else None
-            wires[a], wires[b] = low, high
-        median = wires[(size - 1) // 2]
-        ctx.save_for_backward(rows.sign() * (magnitudes == median[:, None]))
-        return median
+        flat = rows.detach().flatten(2).contiguous()
+        picked = torch.empty(flat.shape[0], flat.shape[2], dtype=rows.dtype)
+        index = torch.empty(picked.shape, dtype=torch.int64)
+        network = _selection_network(flat.shape[1], (flat.shape[1] - 1) // 2)
+        _median_kernel(flat.numpy(), network, (flat.shape[1] - 1) // 2, picked.numpy(), index.numpy())
+        ctx.save_for_backward(index, picked.sign())
+        ctx.shape = rows.shape
+        return picked.abs().reshape(rows.shape[:1] + rows.shape[2:])
 
     @staticmethod
     def backward(ctx, grad):
-        (chosen,) = ctx.saved_tensors
-        return chosen * grad[:, None]
+        index, sign = ctx.saved_tensors
+        b, r = ctx.shape[:2]
+        chosen = torch.zeros(b, r, index.shape[1], dtype=grad.dtype, device=grad.device)
+        return chosen.scatter_(1, index[:, None], (sign * grad.reshape(b, -1))[:, None]).reshape(ctx.shape)
+
+
+@numba.njit(cache=True)  # serial: Numba's OpenMP pool beside torch's ran it ~40× slower here
+def _median_kernel(rows, network, rank, picked, index):
+    """picked[b, u], index[b, u]: the row r whose |rows[b, r, u]| is of the given rank, by the
+    network's comparators (a, b) run over all u at once."""
+    batch, size, units = rows.shape
+    for b in range(batch):
+        wires = np.abs(rows[b])
+        for c in range(network.shape[0]):
+            one, two = network[c, 0], network[c, 1]
+            for u in range(units):
+                x, y = wires[one, u], wires[two, u]
+                wires[one, u] = min(x, y)
+                wires[two, u] = max(x, y)
+        for u in range(units):
+            median = wires[rank, u]
+            for r in range(size):
+                if abs(rows[b, r, u]) == median:
+                    picked[b, u] = rows[b, r, u]
+                    index[b, u] = r
+                    break
 
 
 @functools.cache
-def _selection_network(size: int, rank: int) -> tuple[tuple[int, int, bool, bool], ...]:
-    """Comparators (a, b, keep min on a?, keep max on b?) of Batcher's odd–even merge sort of
-    `size` wires, pruned to those that the wire `rank` depends on."""
+def _selection_network(size: int, rank: int) -> np.ndarray:
+    """Comparators (a, b), rows of an (n, 2) array, of Batcher's odd–even merge sort of `size`
+    wires, pruned to those that the wire `rank` depends on."""
     comparators = []
     p = 1
     while p < size:
@@ -358,20 +434,19 @@ def _selection_network(size: int, rank: int) -> tuple[tuple[int, int, bool, bool
     needed, kept = {rank}, []
     for a, b in reversed(comparators):
         if a in needed or b in needed:
-            kept.append((a, b, a in needed, b in needed))
+            kept.append((a, b))
             needed |= {a, b}
-    return tuple(reversed(kept))
+    return np.array(kept[::-1], dtype=np.int64).reshape(-1, 2)
 
 
-def _affine_rows(layer: nn.Module, rows: torch.Tensor) -> torch.Tensor:
-    """The layer without its bias on rows (B, R, *shape), all in one call."""
+def _affine_rows(layer: nn.Module, weight: torch.Tensor | None, rows: torch.Tensor, bias: bool = False) -> torch.Tensor:
+    """The layer on rows (B, R, *shape), all in one call; without its bias unless `bias`."""
     b, n = rows.shape[:2]
     if isinstance(layer, nn.Flatten):
         return rows.reshape(b, n, -1)
     if isinstance(layer, nn.Linear):
-        return F.linear(rows, layer.weight)
-    # channels-last in oneDNN's call only: its backward pass for many small images is several
-    # times faster so, and the elementwise kernels that follow are faster on plain layouts
-    images = rows.reshape(b * n, *rows.shape[2:]).contiguous(memory_format=torch.channels_last)
-    out = F.conv2d(images, layer.weight, None, layer.stride, layer.padding, layer.dilation, layer.groups).contiguous()
+        return F.linear(rows, weight, layer.bias if bias else None)
+    images = rows.reshape(b * n, *rows.shape[2:]).permute(0, 3, 1, 2)
+    out = F.conv2d(images, layer.weight, layer.bias if bias else None, layer.stride, layer.padding, layer.dilation, layer.groups)
+    out = out.permute(0, 2, 3, 1).contiguous()  # a no-op where oneDNN answers channels-last, as it does to channels-last inputs
     return out.reshape(b, n, *out.shape[1:])
