@@ -42,7 +42,9 @@ even maps); both are handled here.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import os
 
 import numba
 import numpy as np
@@ -218,8 +220,8 @@ def _margins(layers, weights, lam, relus, shapes, centre, radius):
         layer = layers[i]
         if isinstance(layer, nn.ReLU):
             d, low = relus[i]
-            lam = lam * d[:, None]
-            bound = bound - (F.relu(lam) * low[:, None]).flatten(2).sum(2)
+            lam = _ScaleRows.apply(lam, d)
+            bound = bound - _ReluTerm.apply(lam, low)
             continue
         if getattr(layer, "bias", None) is not None:
             bound = bound + _bias_t(layer, lam)
@@ -327,32 +329,198 @@ def _relax_projected(layers, weights, shapes, lo, hi, k, generator):
     blocks = [(projection * hi[:, None], 1.0, True), (projection * lo[:, None], -1.0, True)]  # (rows, sign in abs, median estimate?)
     relus = {}
     last_relu = max((i for i, layer in enumerate(layers) if isinstance(layer, nn.ReLU)), default=-1)
+    pending = None  # a Linear just below the last ReLU, left to the estimates (_LinearAbsMedian)
     for i, layer in enumerate(layers[: last_relu + 1]):
         if not isinstance(layer, nn.ReLU):
             centre = _affine_rows(layer, weights.get(i), centre[:, None], bias=True)[:, 0]
-            blocks = [(_affine_rows(layer, weights.get(i), rows), sign, median) for rows, sign, median in blocks]
+            if i + 1 == last_relu and isinstance(layer, nn.Linear):
+                pending = weights[i]
+            else:
+                blocks = [(_affine_rows(layer, weights.get(i), rows), sign, median) for rows, sign, median in blocks]
             continue
-        abs_ = sum(sign * (_abs_median(rows) if median else rows.abs().sum(1)) for rows, sign, median in blocks) / 2
+        abs_ = sum(sign * _estimate(rows, median, pending) for rows, sign, median in blocks) / 2
         d, low = _relax(centre - abs_, centre + abs_)
         relus[i] = (d, low)
         if i == last_relu:
             break
-        scale = (low * d)[:, None]
+        scale = low * d
         unstable = int((low < 0).sum())
         if unstable > k:
             # the library draws on the unstable units only; elsewhere the scale is 0, so drawing
             # everywhere has the same law and saves a scatter
-            new = _cauchy((batch, k, *shapes[i]), lo, generator) * scale
+            new = _ScaleRows.apply(_cauchy((batch, k, *shapes[i]), lo, generator), scale)
         else:  # the library's exact rows: one per unstable unit, at most k per example
-            flat = scale.flatten(2)[:, 0]
+            flat = scale.flatten(1)
             first = min(k, flat.shape[1])
             index = (low.flatten(1) < 0).to(lo.dtype).topk(first, 1).indices
             one_hot = torch.zeros(batch, k, flat.shape[1], dtype=lo.dtype, device=lo.device)
             one_hot[:, :first].scatter_(2, index[:, :, None], 1.0)
             new = (one_hot * flat[:, None]).reshape(batch, k, *shapes[i])
         centre = d * (centre - low / 2)
-        blocks = [(d[:, None] * rows, sign, median) for rows, sign, median in blocks] + [(new, 1.0, unstable > k)]
+        blocks = [(_ScaleRows.apply(rows, d), sign, median) for rows, sign, median in blocks] + [(new, 1.0, unstable > k)]
     return relus
+
+
+def _estimate(rows: torch.Tensor, median: bool, weight: torch.Tensor | None) -> torch.Tensor:
+    """A block's ℓ1 estimate per unit: the median of |rows| over the block, or the exact sum of
+    one-hot rows; of rows·Wᵀ where a Linear's weight W is given."""
+    if weight is not None and median and rows.shape[1] <= MEDIAN_NETWORK_MAX:
+        return _LinearAbsMedian.apply(rows, weight)
+    if weight is not None:
+        rows = F.linear(rows, weight)
+    return _abs_median(rows) if median else rows.abs().sum(1)
+
+
+class _LinearAbsMedian(torch.autograd.Function):
+    """The median over a block of |rows·Wᵀ|, (B, U) for rows (B, R, D) and W (U, D), where these
+    products go no further (the last ReLU's estimate). Only the chosen row of each unit and
+    example carries a gradient, so the backward pass is B·U scaled rows of W and of the block
+    (Numba) instead of two dense GEMMs R times larger."""
+
+    @staticmethod
+    def forward(ctx, rows, weight):
+        products = F.linear(rows, weight).contiguous()
+        picked = products.new_empty(products.shape[0], products.shape[2])
+        index = torch.empty(picked.shape, dtype=torch.int64)
+        network = _selection_network(rows.shape[1], (rows.shape[1] - 1) // 2)
+        _split(_median_kernel, products, picked, index, network=network, rank=(rows.shape[1] - 1) // 2)
+        ctx.save_for_backward(rows, weight, index, picked.sign())
+        return picked.abs()
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, weight, index, sign = ctx.saved_tensors
+        chosen = (sign * grad).contiguous()
+        grad_rows = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_rows = torch.zeros_like(rows)
+            _split(_scatter_rows, grad_rows, index, chosen, weight=weight.detach().contiguous().numpy())
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.zeros_like(weight)
+            _split(_gather_rows, grad_weight, index.t().contiguous(), chosen.t().contiguous(), rows=rows.detach().contiguous().numpy())
+        return grad_rows, grad_weight
+
+
+@numba.njit(cache=True, nogil=True)
+def _scatter_rows(grad_rows, index, chosen, weight):
+    """grad_rows[b, index[b, u]] += chosen[b, u] · weight[u]."""
+    for b in range(grad_rows.shape[0]):
+        for u in range(index.shape[1]):
+            r, c = index[b, u], chosen[b, u]
+            for t in range(weight.shape[1]):
+                grad_rows[b, r, t] += c * weight[u, t]
+
+
+@numba.njit(cache=True, nogil=True)
+def _gather_rows(grad_weight, index, chosen, rows):
+    """grad_weight[u] += Σ_b chosen[u, b] · rows[b, index[u, b]] (index and chosen transposed, so
+    that the threads split the units)."""
+    for u in range(grad_weight.shape[0]):
+        for b in range(index.shape[1]):
+            r, c = index[u, b], chosen[u, b]
+            for t in range(rows.shape[2]):
+                grad_weight[u, t] += c * rows[b, r, t]
+
+
+class _ScaleRows(torch.autograd.Function):
+    """rows · d for rows (B, R, *shape) and d (B, *shape). Its backward is one Numba pass (∂rows =
+    grad · d and ∂d = Σ_r grad · rows together) where autograd's makes three over these rows, the
+    largest tensors of the bound."""
+
+    @staticmethod
+    def forward(ctx, rows, d):
+        ctx.save_for_backward(rows, d)
+        return rows * d[:, None]
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, d = ctx.saved_tensors
+        flat = grad.contiguous().flatten(2)
+        grad_rows = torch.empty_like(flat) if ctx.needs_input_grad[0] else flat.new_empty(0, 0, 0)
+        grad_d = flat.new_empty(flat.shape[0], flat.shape[2]) if ctx.needs_input_grad[1] else flat.new_empty(0, 0)
+        _split(_scale_backward, flat, rows.contiguous().flatten(2), d.contiguous().flatten(1), grad_rows, grad_d)
+        return (grad_rows.reshape(rows.shape) if ctx.needs_input_grad[0] else None), (grad_d.reshape(d.shape) if ctx.needs_input_grad[1] else None)
+
+
+class _ReluTerm(torch.autograd.Function):
+    """Σ over the units of [λ]_+ · l, (B, R), for rows λ (B, R, *shape) and l (B, *shape): one
+    Numba pass each way, where autograd's relu, product and sum make eight."""
+
+    @staticmethod
+    def forward(ctx, lam, low):
+        ctx.shapes = lam.shape, low.shape
+        lam, low = lam.contiguous().flatten(2), low.contiguous().flatten(1)
+        ctx.save_for_backward(lam, low)
+        out = lam.new_empty(lam.shape[:2])
+        _split(_relu_term, lam, low, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        lam, low = ctx.saved_tensors
+        grad_lam = torch.empty_like(lam)
+        grad_low = torch.empty_like(low)
+        _split(_relu_term_backward, grad.contiguous(), lam, low, grad_lam, grad_low)
+        return grad_lam.reshape(ctx.shapes[0]), grad_low.reshape(ctx.shapes[1])
+
+
+@numba.njit(cache=True, nogil=True)
+def _scale_backward(grad, rows, d, grad_rows, grad_d):
+    """grad_rows = grad · d and grad_d = Σ_r grad · rows, each skipped where given empty."""
+    batch, size, units = grad.shape
+    for b in range(batch):
+        if grad_d.shape[0]:
+            grad_d[b] = 0
+        for r in range(size):
+            if grad_rows.shape[0]:
+                for u in range(units):
+                    grad_rows[b, r, u] = grad[b, r, u] * d[b, u]
+            if grad_d.shape[0]:
+                for u in range(units):
+                    grad_d[b, u] += grad[b, r, u] * rows[b, r, u]
+
+
+@numba.njit(cache=True, nogil=True)
+def _relu_term(lam, low, out):
+    batch, size, units = lam.shape
+    for b in range(batch):
+        for r in range(size):
+            total = 0.0
+            for u in range(units):
+                total += max(lam[b, r, u], 0.0) * low[b, u]
+            out[b, r] = total
+
+
+@numba.njit(cache=True, nogil=True)
+def _relu_term_backward(grad, lam, low, grad_lam, grad_low):
+    batch, size, units = lam.shape
+    for b in range(batch):
+        grad_low[b] = 0
+        for r in range(size):
+            g = grad[b, r]
+            for u in range(units):
+                positive = lam[b, r, u] > 0
+                grad_lam[b, r, u] = g * low[b, u] if positive else 0.0
+                grad_low[b, u] += g * lam[b, r, u] if positive else 0.0
+
+
+_POOL: list = []
+
+
+def _split(kernel, *arrays, **constants):
+    """kernel(*arrays, **constants) on the arrays' numpy views (the first axis, the batch, split
+    over torch's threads: the kernels release the GIL)."""
+    arrays = [a.numpy() for a in arrays]
+    threads = min(torch.get_num_threads(), arrays[0].shape[0])
+    if threads <= 1:
+        kernel(*arrays, **constants)
+        return
+    if not _POOL:
+        _POOL.append(concurrent.futures.ThreadPoolExecutor(os.cpu_count()))
+    edges = np.linspace(0, arrays[0].shape[0], threads + 1).astype(int)
+    parts = [_POOL[0].submit(kernel, *(a[s:e] if a.shape[0] else a for a in arrays), **constants) for s, e in zip(edges, edges[1:])]
+    for part in parts:
+        part.result()
 
 
 def _cauchy(shape, like, generator):
@@ -381,7 +549,7 @@ class _NetworkAbsMedian(torch.autograd.Function):
         picked = torch.empty(flat.shape[0], flat.shape[2], dtype=rows.dtype)
         index = torch.empty(picked.shape, dtype=torch.int64)
         network = _selection_network(flat.shape[1], (flat.shape[1] - 1) // 2)
-        _median_kernel(flat.numpy(), network, (flat.shape[1] - 1) // 2, picked.numpy(), index.numpy())
+        _split(_median_kernel, flat, picked, index, network=network, rank=(flat.shape[1] - 1) // 2)
         ctx.save_for_backward(index, picked.sign())
         ctx.shape = rows.shape
         return picked.abs().reshape(rows.shape[:1] + rows.shape[2:])
@@ -394,8 +562,8 @@ class _NetworkAbsMedian(torch.autograd.Function):
         return chosen.scatter_(1, index[:, None], (sign * grad.reshape(b, -1))[:, None]).reshape(ctx.shape)
 
 
-@numba.njit(cache=True)  # serial: Numba's OpenMP pool beside torch's ran it ~40× slower here
-def _median_kernel(rows, network, rank, picked, index):
+@numba.njit(cache=True, nogil=True)
+def _median_kernel(rows, picked, index, network, rank):
     """picked[b, u], index[b, u]: the row r whose |rows[b, r, u]| is of the given rank, by the
     network's comparators (a, b) run over all u at once."""
     batch, size, units = rows.shape
