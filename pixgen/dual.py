@@ -20,24 +20,34 @@ position start as the identity, shared by batch and positions; above a Linear th
 maps, starting from the identity shared by the batch, in chunks of ≤ CHUNK_FLOATS.
 
 Projected estimate (`projections=k`, training): forward, as the library. The centre (lin) goes
-through each layer as a batch, and every k-row group through it in a single call as
-(B, rows, *shape), its ℓ1 norm estimated by the median of |·| over the group (Cauchy
-projections; the median of |Cauchy(0, 1)| is 1, so no rescaling): the input's R·hi and R·lo
-(one R (k, input) shared by the batch, as the library; abs gets (med_hi − med_lo)/2) and, per
-ReLU, k Cauchy rows on its unstable units scaled by l·d (abs gets med/2) — or, as the library
-does when the batch has at most k unstable units there, exact one-hot rows (abs gets their ℓ1
-sum/2). The margins are exact given these bounds and, as in the library (its projected input
-layer inherits the unclipped ε-ball objective), their input term is λ_inᵀx + ε‖λ_in‖₁, not the
-box's: the projected estimate sits above the exact bound where the box clips the ball.
+through each layer as a batch, and each k-row block through it in a single call as
+(B, k, *shape), its ℓ1 norm estimated by the median of |·| over the block (Cauchy projections;
+the median of |Cauchy(0, 1)| is 1, so no rescaling): the input's R·hi and R·lo (one R (k, input)
+shared by the batch, as the library; abs gets (med_hi − med_lo)/2) and, per ReLU, k Cauchy rows
+scaled by l·d, which is 0 off the unstable units (abs gets med/2) — or, as the library does when
+the batch has at most k unstable units there, exact one-hot rows (abs gets their ℓ1 sum/2). The
+margins are exact given these bounds and, as in the library (its projected input layer inherits
+the unclipped ε-ball objective), their input term is λ_inᵀx + ε‖λ_in‖₁, not the box's: the
+projected estimate sits above the exact bound where the box clips the ball.
+
+Where the time goes, and how it is kept down (training, wk-small): the blocks through the convs
+and their gradients. Maps are held channels-last, (H, W, C), so oneDNN's convs take and give them
+without copies; blocks are never concatenated; the median is a sorting network run by a Numba
+kernel on each example's block in cache; the passes over the blocks that autograd would make
+several of (rows·d and its two gradients, the margins' Σ[ν]_+·(−l) and its gradients) are one
+Numba pass each way; the last ReLU's estimate, whose products go no further, is differentiated
+through the one chosen row per unit (B·U scaled rows instead of two dense GEMMs k times larger);
+and Wᵀ of a few-channel conv (col2im) is differentiated by the conv itself.
 
 Differences from the library. Same numbers: the exact bound and its gradient agree to float
 rounding; the projected estimate has its law, not its draws — Cauchy values come from
-tan(π(U − ½)), no rows are drawn for the last ReLU (the library draws them and never uses
-them), and the median (a sorting network, not torch.median) sends the gradient of a tie to
-every tied element (ties are zeros, which pass none). Projections must be fewer than the input's
-size (the library then uses the exact input term). The library ignores Conv2d dilation and
-groups and lacks the transposed conv's output_padding (it fails on e.g. 3×3/stride-2 convs of
-even maps); both are handled here.
+tan(π(U − ½)) and are drawn on every unit (times a scale that is 0 off the unstable ones), no
+rows are drawn for the last ReLU (the library draws them and never uses them), and the median
+sends its gradient to one chosen element, as torch.median does (a tie of magnitudes is one of
+zeros, whose sign passes no gradient, or has probability 0). Projections must be fewer than the
+input's size (the library then uses the exact input term). The library ignores Conv2d dilation
+and groups and lacks the transposed conv's output_padding (it fails on e.g. 3×3/stride-2 convs
+of even maps); both are handled here.
 """
 
 from __future__ import annotations
@@ -220,8 +230,8 @@ def _margins(layers, weights, lam, relus, shapes, centre, radius):
         layer = layers[i]
         if isinstance(layer, nn.ReLU):
             d, low = relus[i]
-            lam = _ScaleRows.apply(lam, d)
-            bound = bound - _ReluTerm.apply(lam, low)
+            lam = _scale(lam, d)
+            bound = bound - _relu_term_sum(lam, low)
             continue
         if getattr(layer, "bias", None) is not None:
             bound = bound + _bias_t(layer, lam)
@@ -348,7 +358,7 @@ def _relax_projected(layers, weights, shapes, lo, hi, k, generator):
         if unstable > k:
             # the library draws on the unstable units only; elsewhere the scale is 0, so drawing
             # everywhere has the same law and saves a scatter
-            new = _ScaleRows.apply(_cauchy((batch, k, *shapes[i]), lo, generator), scale)
+            new = _scale(_cauchy((batch, k, *shapes[i]), lo, generator), scale)
         else:  # the library's exact rows: one per unstable unit, at most k per example
             flat = scale.flatten(1)
             first = min(k, flat.shape[1])
@@ -357,14 +367,14 @@ def _relax_projected(layers, weights, shapes, lo, hi, k, generator):
             one_hot[:, :first].scatter_(2, index[:, :, None], 1.0)
             new = (one_hot * flat[:, None]).reshape(batch, k, *shapes[i])
         centre = d * (centre - low / 2)
-        blocks = [(_ScaleRows.apply(rows, d), sign, median) for rows, sign, median in blocks] + [(new, 1.0, unstable > k)]
+        blocks = [(_scale(rows, d), sign, median) for rows, sign, median in blocks] + [(new, 1.0, unstable > k)]
     return relus
 
 
 def _estimate(rows: torch.Tensor, median: bool, weight: torch.Tensor | None) -> torch.Tensor:
     """A block's ℓ1 estimate per unit: the median of |rows| over the block, or the exact sum of
     one-hot rows; of rows·Wᵀ where a Linear's weight W is given."""
-    if weight is not None and median and rows.shape[1] <= MEDIAN_NETWORK_MAX:
+    if weight is not None and median and rows.shape[1] <= MEDIAN_NETWORK_MAX and rows.device.type == "cpu":
         return _LinearAbsMedian.apply(rows, weight)
     if weight is not None:
         rows = F.linear(rows, weight)
@@ -422,10 +432,20 @@ def _gather_rows(grad_weight, index, chosen, rows):
                 grad_weight[u, t] += c * rows[b, r, t]
 
 
+def _scale(rows: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """rows · d for rows (B, R, *shape) and d (B, *shape); by Numba's kernels on the CPU."""
+    return _ScaleRows.apply(rows, d) if rows.device.type == "cpu" else rows * d[:, None]
+
+
+def _relu_term_sum(lam: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """Σ over the units of [λ]_+ · l, (B, R), for rows λ (B, R, *shape) and l (B, *shape); by
+    Numba's kernels on the CPU."""
+    return _ReluTerm.apply(lam, low) if lam.device.type == "cpu" else (F.relu(lam) * low[:, None]).flatten(2).sum(2)
+
+
 class _ScaleRows(torch.autograd.Function):
-    """rows · d for rows (B, R, *shape) and d (B, *shape). Its backward is one Numba pass (∂rows =
-    grad · d and ∂d = Σ_r grad · rows together) where autograd's makes three over these rows, the
-    largest tensors of the bound."""
+    """_scale with a backward of one Numba pass (∂rows = grad · d and ∂d = Σ_r grad · rows
+    together) where autograd's makes three over these rows, the largest tensors of the bound."""
 
     @staticmethod
     def forward(ctx, rows, d):
@@ -443,8 +463,7 @@ class _ScaleRows(torch.autograd.Function):
 
 
 class _ReluTerm(torch.autograd.Function):
-    """Σ over the units of [λ]_+ · l, (B, R), for rows λ (B, R, *shape) and l (B, *shape): one
-    Numba pass each way, where autograd's relu, product and sum make eight."""
+    """_relu_term_sum in one Numba pass each way, where autograd's relu, product and sum make eight."""
 
     @staticmethod
     def forward(ctx, lam, low):
@@ -504,23 +523,23 @@ def _relu_term_backward(grad, lam, low, grad_lam, grad_low):
                 grad_low[b, u] += g * lam[b, r, u] if positive else 0.0
 
 
-_POOL: list = []
-
-
 def _split(kernel, *arrays, **constants):
-    """kernel(*arrays, **constants) on the arrays' numpy views (the first axis, the batch, split
-    over torch's threads: the kernels release the GIL)."""
-    arrays = [a.numpy() for a in arrays]
+    """kernel(*arrays, **constants) on CPU tensors' numpy views, the first axis of `arrays` (not
+    of the constants) split over torch's threads: the kernels release the GIL."""
+    arrays = [a.detach().numpy() for a in arrays]
     threads = min(torch.get_num_threads(), arrays[0].shape[0])
     if threads <= 1:
         kernel(*arrays, **constants)
         return
-    if not _POOL:
-        _POOL.append(concurrent.futures.ThreadPoolExecutor(os.cpu_count()))
     edges = np.linspace(0, arrays[0].shape[0], threads + 1).astype(int)
-    parts = [_POOL[0].submit(kernel, *(a[s:e] if a.shape[0] else a for a in arrays), **constants) for s, e in zip(edges, edges[1:])]
+    parts = [_pool().submit(kernel, *(a[s:e] if a.shape[0] else a for a in arrays), **constants) for s, e in zip(edges, edges[1:])]
     for part in parts:
         part.result()
+
+
+@functools.cache
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(os.cpu_count())
 
 
 def _cauchy(shape, like, generator):
@@ -531,17 +550,15 @@ def _cauchy(shape, like, generator):
 
 def _abs_median(rows: torch.Tensor) -> torch.Tensor:
     """torch.median of |rows| over dim 1 (the lower median for even sizes)."""
-    if rows.shape[1] > MEDIAN_NETWORK_MAX:
+    if rows.shape[1] > MEDIAN_NETWORK_MAX or rows.device.type != "cpu":
         return rows.abs().median(1).values
     return _NetworkAbsMedian.apply(rows)
 
 
 class _NetworkAbsMedian(torch.autograd.Function):
-    """The median by a pruned Batcher sorting network, run by one Numba kernel per example on a
-    copy of its |rows| small enough to stay in cache: torch's elementwise min/max network made one
-    pass over memory per comparator, and torch.median is slower still. The gradient goes to the
-    chosen element, as torch.median's does (a tie of magnitudes is one of zeros, whose sign passes
-    no gradient, or of measure zero)."""
+    """The median by a pruned Batcher sorting network, run by a Numba kernel on each example's
+    |rows| in cache: the same network of torch min/max ops made a pass over memory per
+    comparator, and torch.median is slower still. The gradient goes to the chosen element."""
 
     @staticmethod
     def forward(ctx, rows):
