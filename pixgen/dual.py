@@ -135,10 +135,12 @@ def _weights(layers: list[nn.Module], shapes: list[tuple[int, ...]]) -> dict[int
     for i, layer in enumerate(layers):
         if isinstance(layer, nn.Flatten) and len(shapes[i]) == 3:
             flat = shapes[i]
-        elif isinstance(layer, nn.Linear):
-            height, width, channels = flat or (None, None, None)
-            weights[i] = layer.weight if flat is None else layer.weight.unflatten(1, (channels, height, width)).permute(0, 2, 3, 1).flatten(1)
+        elif isinstance(layer, nn.Linear) and flat is not None:
+            height, width, channels = flat
+            weights[i] = layer.weight.unflatten(1, (channels, height, width)).permute(0, 2, 3, 1).flatten(1)
             flat = None
+        elif isinstance(layer, nn.Linear):
+            weights[i] = layer.weight
     return weights
 
 
@@ -184,12 +186,11 @@ class _FoldTranspose(torch.autograd.Function):
     def backward(ctx, grad):
         lam, weight = ctx.saved_tensors
         stride, padding, dilation = ctx.geometry
-        lam_nchw = lam.permute(0, 3, 1, 2)
         grad_lam = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_lam = F.conv2d(grad, weight, None, stride, padding, dilation).permute(0, 2, 3, 1)
         if ctx.needs_input_grad[1]:
-            grad_weight = torch.ops.aten.convolution_backward(lam_nchw, grad, weight, None, stride, padding, dilation, False, [0, 0], 1, [False, True, False])[1]
+            grad_weight = torch.ops.aten.convolution_backward(lam.permute(0, 3, 1, 2), grad, weight, None, stride, padding, dilation, False, [0, 0], 1, [False, True, False])[1]
         return grad_lam, grad_weight, None, None, None, None
 
 
