@@ -20,30 +20,44 @@ position start as the identity, shared by batch and positions; above a Linear th
 maps, starting from the identity shared by the batch, in chunks of ≤ CHUNK_FLOATS.
 
 Projected estimate (`projections=k`, training): forward, as the library. The centre (lin) goes
-through each layer as a batch, and every k-row group through it in a single call as
-(B, rows, *shape), its ℓ1 norm estimated by the median of |·| over the group (Cauchy
-projections; the median of |Cauchy(0, 1)| is 1, so no rescaling): the input's R·hi and R·lo
-(one R (k, input) shared by the batch, as the library; abs gets (med_hi − med_lo)/2) and, per
-ReLU, k Cauchy rows on its unstable units scaled by l·d (abs gets med/2) — or, as the library
-does when the batch has at most k unstable units there, exact one-hot rows (abs gets their ℓ1
-sum/2). The margins are exact given these bounds and, as in the library (its projected input
-layer inherits the unclipped ε-ball objective), their input term is λ_inᵀx + ε‖λ_in‖₁, not the
-box's: the projected estimate sits above the exact bound where the box clips the ball.
+through each layer as a batch, and each k-row block through it in a single call as
+(B, k, *shape), its ℓ1 norm estimated by the median of |·| over the block (Cauchy projections;
+the median of |Cauchy(0, 1)| is 1, so no rescaling): the input's R·hi and R·lo (one R (k, input)
+shared by the batch, as the library; abs gets (med_hi − med_lo)/2) and, per ReLU, k Cauchy rows
+scaled by l·d, which is 0 off the unstable units (abs gets med/2) — or, as the library does when
+the batch has at most k unstable units there, exact one-hot rows (abs gets their ℓ1 sum/2). The
+margins are exact given these bounds and, as in the library (its projected input layer inherits
+the unclipped ε-ball objective), their input term is λ_inᵀx + ε‖λ_in‖₁, not the box's: the
+projected estimate sits above the exact bound where the box clips the ball.
+
+Where the time goes, and how it is kept down (training, wk-small): the blocks through the convs
+and their gradients. Maps are held channels-last, (H, W, C), so oneDNN's convs take and give them
+without copies; blocks are never concatenated; the median is a sorting network run by a Numba
+kernel on each example's block in cache; the passes over the blocks that autograd would make
+several of (rows·d and its two gradients, the margins' Σ[ν]_+·(−l) and its gradients) are one
+Numba pass each way; the last ReLU's estimate, whose products go no further, is differentiated
+through the one chosen row per unit (B·U scaled rows instead of two dense GEMMs k times larger);
+and Wᵀ of a few-channel conv (col2im) is differentiated by the conv itself.
 
 Differences from the library. Same numbers: the exact bound and its gradient agree to float
 rounding; the projected estimate has its law, not its draws — Cauchy values come from
-tan(π(U − ½)), no rows are drawn for the last ReLU (the library draws them and never uses
-them), and the median (a sorting network, not torch.median) sends the gradient of a tie to
-every tied element (ties are zeros, which pass none). Projections must be fewer than the input's
-size (the library then uses the exact input term). The library ignores Conv2d dilation and
-groups and lacks the transposed conv's output_padding (it fails on e.g. 3×3/stride-2 convs of
-even maps); both are handled here.
+tan(π(U − ½)) and are drawn on every unit (times a scale that is 0 off the unstable ones), no
+rows are drawn for the last ReLU (the library draws them and never uses them), and the median
+sends its gradient to one chosen element, as torch.median does (a tie of magnitudes is one of
+zeros, whose sign passes no gradient, or has probability 0). Projections must be fewer than the
+input's size (the library then uses the exact input term). The library ignores Conv2d dilation
+and groups and lacks the transposed conv's output_padding (it fails on e.g. 3×3/stride-2 convs
+of even maps); both are handled here.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import os
 
+import numba
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,20 +75,21 @@ def bounds(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: float, p
     projections=0, else the k-projection median estimate used for training. Differentiable in the
     model's parameters; random draws come from `generator`, else torch's global RNG."""
     layers = _check(model)
-    shapes = _shapes(layers, x)
-    lo, hi = (x - eps).clamp(min=0), (x + eps).clamp(max=1)
+    shapes = [_channels_last(s) for s in _shapes(layers, x)]
+    weights = _weights(layers, shapes)
+    lo, hi = (x - eps).clamp(min=0).permute(0, 2, 3, 1), (x + eps).clamp(max=1).permute(0, 2, 3, 1)
     if projections:
         if projections >= x[0].numel():
             raise PixgenError(f"need fewer projections than input values ({x[0].numel()}); use projections=0 for the exact bound")
-        relus = _relax_projected(layers, shapes, lo, hi, projections, generator)
+        relus = _relax_projected(layers, weights, shapes, lo, hi, projections, generator)
     else:
-        relus = _relax_exact(layers, shapes, lo, hi)
+        relus = _relax_exact(layers, weights, shapes, lo, hi)
     classes = shapes[-1][0]
     eye = torch.eye(classes, dtype=x.dtype, device=x.device)
     lam = eye[None] - eye[y][:, None]  # row j: e_j − e_y
     if projections:  # the library's unclipped ε-ball input term
-        return _margins(layers, lam, relus, shapes, x, torch.full_like(x, eps))
-    return _margins(layers, lam, relus, shapes, (hi + lo) / 2, (hi - lo) / 2)
+        return _margins(layers, weights, lam, relus, shapes, x.permute(0, 2, 3, 1), torch.full_like(lo, eps))
+    return _margins(layers, weights, lam, relus, shapes, (hi + lo) / 2, (hi - lo) / 2)
 
 
 def _check(model: nn.Module) -> list[nn.Module]:
@@ -99,10 +114,34 @@ def _shapes(layers: list[nn.Module], x: torch.Tensor) -> list[tuple[int, ...]]:
     for layer in layers:
         z = layer(z)
         shapes.append(tuple(z.shape[1:]))
-    for layer, shape in zip(layers, shapes):
+    for layer, shape, out in zip(layers, shapes, shapes[1:]):
         if isinstance(layer, nn.Linear) and len(shape) != 1:
             raise PixgenError("pixgen.dual needs flat inputs to Linear layers (put nn.Flatten() before them)")
+        if isinstance(layer, nn.Flatten) and len(out) != 1:
+            raise PixgenError("pixgen.dual needs Flatten layers that flatten each example whole")
     return shapes
+
+
+def _channels_last(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A per-example shape in this module's layout: maps (C, H, W) are held as (H, W, C), so that
+    oneDNN's convolutions take and give them without copies (and elementwise ops never meet two
+    layouts, which sends them off their fast paths)."""
+    return (*shape[1:], shape[0]) if len(shape) == 3 else shape
+
+
+def _weights(layers: list[nn.Module], shapes: list[tuple[int, ...]]) -> dict[int, torch.Tensor]:
+    """Each Linear's weight, its columns reordered to read a flattened (H, W, C) map."""
+    weights, flat = {}, None
+    for i, layer in enumerate(layers):
+        if isinstance(layer, nn.Flatten) and len(shapes[i]) == 3:
+            flat = shapes[i]
+        elif isinstance(layer, nn.Linear) and flat is not None:
+            height, width, channels = flat
+            weights[i] = layer.weight.unflatten(1, (channels, height, width)).permute(0, 2, 3, 1).flatten(1)
+            flat = None
+        elif isinstance(layer, nn.Linear):
+            weights[i] = layer.weight
+    return weights
 
 
 def _relax(zl: torch.Tensor, zu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,28 +152,55 @@ def _relax(zl: torch.Tensor, zu: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return d, torch.where(unstable, zl, torch.zeros_like(zl))
 
 
-def _affine_t(layer: nn.Module, lam: torch.Tensor, in_shape: tuple[int, ...]) -> torch.Tensor:
+def _affine_t(layer: nn.Module, weight: torch.Tensor | None, lam: torch.Tensor, in_shape: tuple[int, ...]) -> torch.Tensor:
     """λ ← Wᵀλ for rows λ (B, N, *out_shape)."""
     b, n = lam.shape[:2]
     if isinstance(layer, nn.Linear):
-        return lam.matmul(layer.weight)
+        return lam.matmul(weight)
     if isinstance(layer, nn.Flatten):
         return lam.reshape(b, n, *in_shape)
     out = lam.reshape(b * n, *lam.shape[2:])
     k, s, p, dil = layer.kernel_size, layer.stride, layer.padding, layer.dilation
     if layer.in_channels <= FOLD_CHANNELS and layer.groups == 1:
-        # oneDNN's transposed conv is slow when it makes few channels; Wᵀ on each position, then col2im, is not
-        cols = layer.weight.flatten(1).t().matmul(out.flatten(2))
-        out = F.fold(cols, in_shape[1:], k, dilation=dil, padding=p, stride=s)
+        out = _FoldTranspose.apply(out, layer.weight, in_shape[:2], s, p, dil)
     else:
-        pad = tuple(in_shape[1 + i] - ((out.shape[2 + i] - 1) * s[i] - 2 * p[i] + dil[i] * (k[i] - 1) + 1) for i in range(2))
-        out = out.contiguous(memory_format=torch.channels_last)  # oneDNN is ~2× faster so
-        out = F.conv_transpose2d(out, layer.weight, stride=s, padding=p, output_padding=pad, groups=layer.groups, dilation=dil)
-        out = out.contiguous()  # elementwise kernels on channels-last 5-D views fall off their fast paths
-    return out.reshape(b, n, *in_shape)
+        pad = tuple(in_shape[i] - ((out.shape[1 + i] - 1) * s[i] - 2 * p[i] + dil[i] * (k[i] - 1) + 1) for i in range(2))
+        out = F.conv_transpose2d(out.permute(0, 3, 1, 2), layer.weight, stride=s, padding=p, output_padding=pad, groups=layer.groups, dilation=dil)
+    return out.permute(0, 2, 3, 1).reshape(b, n, *in_shape)
 
 
-def _backward(layers, stop, lam, relus, shapes, centre, radius):
+class _FoldTranspose(torch.autograd.Function):
+    """Wᵀλ of a Conv2d with few input channels, for λ (N, H', W', C_out): oneDNN's transposed conv
+    is slow when it makes few channels; Wᵀ at each position, then col2im, is not. Its gradient is
+    the layer's own conv (and that conv's weight gradient), which oneDNN does fast, where autograd
+    would go back through col2im by im2col several times slower."""
+
+    @staticmethod
+    def forward(ctx, lam, weight, size, stride, padding, dilation):
+        ctx.save_for_backward(lam, weight)
+        ctx.geometry = stride, padding, dilation
+        cols = weight.flatten(1).t().matmul(lam.flatten(1, 2).mT)
+        return F.fold(cols, size, weight.shape[2:], dilation=dilation, padding=padding, stride=stride)
+
+    @staticmethod
+    def backward(ctx, grad):
+        lam, weight = ctx.saved_tensors
+        stride, padding, dilation = ctx.geometry
+        grad_lam = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_lam = F.conv2d(grad, weight, None, stride, padding, dilation).permute(0, 2, 3, 1)
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.ops.aten.convolution_backward(lam.permute(0, 3, 1, 2), grad, weight, None, stride, padding, dilation, False, [0, 0], 1, [False, True, False])[1]
+        return grad_lam, grad_weight, None, None, None, None
+
+
+def _bias_t(layer: nn.Module, lam: torch.Tensor) -> torch.Tensor:
+    """λᵀb of the layer's bias for rows λ (B, N, *out_shape)."""
+    summed = lam if isinstance(layer, nn.Linear) else lam.sum((-3, -2))
+    return summed.matmul(layer.bias)
+
+
+def _backward(layers, weights, stop, lam, relus, shapes, centre, radius):
     """(lin, abs) of U for the rows λ (B or 1, N, *shape) at the output of layers[stop − 1], the
     input box being centre ± radius."""
     lin = abs_ = 0
@@ -148,16 +214,15 @@ def _backward(layers, stop, lam, relus, shapes, centre, radius):
             abs_ = abs_ - flat.abs().matmul(low).squeeze(2) / 2  # −l ≥ 0 on I
             continue
         if getattr(layer, "bias", None) is not None:
-            summed = lam if isinstance(layer, nn.Linear) else lam.sum((-2, -1))
-            lin = lin + summed.matmul(layer.bias)
-        lam = _affine_t(layer, lam, shapes[i])
+            lin = lin + _bias_t(layer, lam)
+        lam = _affine_t(layer, weights.get(i), lam, shapes[i])
     flat = lam.flatten(2)
     lin = lin + flat.matmul(centre.flatten(1)[:, :, None]).squeeze(2)
     abs_ = abs_ + flat.abs().matmul(radius.flatten(1)[:, :, None]).squeeze(2)
     return lin, abs_
 
 
-def _margins(layers, lam, relus, shapes, centre, radius):
+def _margins(layers, weights, lam, relus, shapes, centre, radius):
     """U for the margin rows λ (B, C, C): _backward with each ReLU term's halves merged back
     into (−l)[ν]_+ and products summed elementwise, whose gradients cost less than batched
     matrix-vector products' in the pass that training differentiates."""
@@ -166,17 +231,16 @@ def _margins(layers, lam, relus, shapes, centre, radius):
         layer = layers[i]
         if isinstance(layer, nn.ReLU):
             d, low = relus[i]
-            lam = lam * d[:, None]
-            bound = bound - (F.relu(lam) * low[:, None]).flatten(2).sum(2)
+            lam = _scale(lam, d)
+            bound = bound - _relu_term_sum(lam, low)
             continue
         if getattr(layer, "bias", None) is not None:
-            summed = lam if isinstance(layer, nn.Linear) else lam.sum((-2, -1))
-            bound = bound + summed.matmul(layer.bias)
-        lam = _affine_t(layer, lam, shapes[i])
+            bound = bound + _bias_t(layer, lam)
+        lam = _affine_t(layer, weights.get(i), lam, shapes[i])
     return bound + (lam * centre[:, None]).flatten(2).sum(2) + (lam.abs() * radius[:, None]).flatten(2).sum(2)
 
 
-def _relax_exact(layers, shapes, lo, hi):
+def _relax_exact(layers, weights, shapes, lo, hi):
     """Each ReLU's (d, l on I), its pre-activation bounds from backward passes over all its units."""
     relus = {}
     centre, radius = (hi + lo) / 2, (hi - lo) / 2
@@ -194,7 +258,7 @@ def _relax_exact(layers, shapes, lo, hi):
             parts = []
             for s in range(0, units, step):
                 rows = torch.eye(units, dtype=lo.dtype, device=lo.device)[s : s + step].reshape(1, -1, *shape)
-                lin, abs_ = _backward(layers, i, rows, relus, shapes, centre, radius)
+                lin, abs_ = _backward(layers, weights, i, rows, relus, shapes, centre, radius)
                 parts.append((lin.expand(batch, -1), abs_.expand(batch, -1)))
             lin = torch.cat([p[0] for p in parts], 1).reshape(batch, *shape)
             abs_ = torch.cat([p[1] for p in parts], 1).reshape(batch, *shape)
@@ -203,11 +267,11 @@ def _relax_exact(layers, shapes, lo, hi):
 
 
 def _windowed(layers, stop, relus, shapes, centre, radius):
-    """(lin, abs) (B, C, H, W) of every unit of a conv layer's output (layers[:stop] all Conv2d
+    """(lin, abs) (B, H, W, C) of every unit of a conv layer's output (layers[:stop] all Conv2d
     and ReLU): the backward pass of a unit only reaches its receptive field, so each unit's rows
     live on windows — translates of one another — instead of whole feature maps. The rows of the
     C units at one position start as the identity, shared by the batch and the positions."""
-    channels, height, width = shapes[stop]
+    height, width, channels = shapes[stop]
     batch = centre.shape[0]
     per_example = height * width * channels * max(torch.Size(s).numel() for s in shapes[:stop])
     step = max(1, CHUNK_FLOATS // per_example)
@@ -217,18 +281,19 @@ def _windowed(layers, stop, relus, shapes, centre, radius):
         parts.append(_windowed_part(layers, stop, relus_part, shapes, centre[s : s + step], radius[s : s + step]))
     lin = torch.cat([p[0] for p in parts])
     abs_ = torch.cat([p[1] for p in parts])
-    return (t.transpose(1, 2).reshape(len(t), channels, height, width) for t in (lin, abs_))
+    return (t.reshape(len(t), height, width, channels) for t in (lin, abs_))
 
 
 def _windowed_part(layers, stop, relus, shapes, centre, radius):
-    channels, height, width = shapes[stop]
+    height, width, channels = shapes[stop]
     batch = centre.shape[0]
     eye = torch.eye(channels, dtype=centre.dtype, device=centre.device)
     lam = eye.reshape(1, 1, channels, channels, 1, 1)  # (batch, position, unit, *window)
     size, stride, pad = (1, 1), (1, 1), (0, 0)
     lin = abs_ = 0
 
-    def windows(t):  # (b, c, H, W) → (b, positions, c, *size): the unfolded windows of a map
+    def windows(t):  # (b, H, W, c) → (b, positions, c, *size): the unfolded windows of a map
+        t = t.permute(0, 3, 1, 2)
         right = [(n - 1) * st + sz - full - p for n, st, sz, full, p in zip((height, width), stride, size, t.shape[-2:], pad)]
         padded = F.pad(t, (pad[1], right[1], pad[0], right[0]))  # a negative pad crops what no window reaches
         unfolded = F.unfold(padded, size, stride=stride)
@@ -265,42 +330,217 @@ def _windowed_part(layers, stop, relus, shapes, centre, radius):
     return lin.expand(batch, height * width, channels), abs_.expand(batch, height * width, channels)
 
 
-def _relax_projected(layers, shapes, lo, hi, k, generator):
-    """Each ReLU's (d, l on I), its pre-activation bounds estimated by the library's projections."""
+def _relax_projected(layers, weights, shapes, lo, hi, k, generator):
+    """Each ReLU's (d, l on I), its pre-activation bounds estimated by the library's projections.
+    The rows travel as blocks of k, one per estimate, each through every layer on its own: no
+    concatenation, and each median reads a block whole."""
     batch = lo.shape[0]
     projection = _cauchy((1, k, *shapes[0]), lo, generator)
     centre = (hi + lo) / 2
-    rows = torch.cat([projection * hi[:, None], projection * lo[:, None]], 1)
-    groups = [(1.0, True), (-1.0, True)]  # per k-row group: (sign in abs, median estimate?)
+    blocks = [(projection * hi[:, None], 1.0, True), (projection * lo[:, None], -1.0, True)]  # (rows, sign in abs, median estimate?)
     relus = {}
     last_relu = max((i for i, layer in enumerate(layers) if isinstance(layer, nn.ReLU)), default=-1)
+    pending = None  # a Linear just below the last ReLU, left to the estimates (_LinearAbsMedian)
     for i, layer in enumerate(layers[: last_relu + 1]):
         if not isinstance(layer, nn.ReLU):
-            centre, rows = layer(centre), _affine_rows(layer, rows)
+            centre = _affine_rows(layer, weights.get(i), centre[:, None], bias=True)[:, 0]
+            if i + 1 == last_relu and isinstance(layer, nn.Linear):
+                pending = weights[i]
+            else:
+                blocks = [(_affine_rows(layer, weights.get(i), rows), sign, median) for rows, sign, median in blocks]
             continue
-        groups_rows = rows.split(k, 1)
-        estimates = [_abs_median(g) if median else g.abs().sum(1) for g, (_, median) in zip(groups_rows, groups)]
-        abs_ = sum(sign * e for (sign, _), e in zip(groups, estimates)) / 2
+        abs_ = sum(sign * _estimate(rows, median, pending) for rows, sign, median in blocks) / 2
         d, low = _relax(centre - abs_, centre + abs_)
         relus[i] = (d, low)
         if i == last_relu:
             break
-        scale = (low * d)[:, None]
+        scale = low * d
         unstable = int((low < 0).sum())
-        if unstable > k:  # draws on the unstable units only, as the library
-            mask = (low < 0)[:, None].expand(batch, k, *shapes[i])
-            new = torch.zeros(mask.shape, dtype=lo.dtype, device=lo.device).masked_scatter_(mask, _cauchy((unstable * k,), lo, generator)) * scale
+        if unstable > k:
+            # the library draws on the unstable units only; elsewhere the scale is 0, so drawing
+            # everywhere has the same law and saves a scatter
+            new = _scale(_cauchy((batch, k, *shapes[i]), lo, generator), scale)
         else:  # the library's exact rows: one per unstable unit, at most k per example
-            flat = scale.flatten(2)[:, 0]
+            flat = scale.flatten(1)
             first = min(k, flat.shape[1])
             index = (low.flatten(1) < 0).to(lo.dtype).topk(first, 1).indices
             one_hot = torch.zeros(batch, k, flat.shape[1], dtype=lo.dtype, device=lo.device)
             one_hot[:, :first].scatter_(2, index[:, :, None], 1.0)
             new = (one_hot * flat[:, None]).reshape(batch, k, *shapes[i])
-        groups.append((1.0, unstable > k))
         centre = d * (centre - low / 2)
-        rows = torch.cat([d[:, None] * rows, new], 1)
+        blocks = [(_scale(rows, d), sign, median) for rows, sign, median in blocks] + [(new, 1.0, unstable > k)]
     return relus
+
+
+def _estimate(rows: torch.Tensor, median: bool, weight: torch.Tensor | None) -> torch.Tensor:
+    """A block's ℓ1 estimate per unit: the median of |rows| over the block, or the exact sum of
+    one-hot rows; of rows·Wᵀ where a Linear's weight W is given."""
+    if weight is not None and median and rows.shape[1] <= MEDIAN_NETWORK_MAX and rows.device.type == "cpu":
+        return _LinearAbsMedian.apply(rows, weight)
+    if weight is not None:
+        rows = F.linear(rows, weight)
+    return _abs_median(rows) if median else rows.abs().sum(1)
+
+
+class _LinearAbsMedian(torch.autograd.Function):
+    """The median over a block of |rows·Wᵀ|, (B, U) for rows (B, R, D) and W (U, D), where these
+    products go no further (the last ReLU's estimate). Only the chosen row of each unit and
+    example carries a gradient, so the backward pass is B·U scaled rows of W and of the block
+    (Numba) instead of two dense GEMMs R times larger."""
+
+    @staticmethod
+    def forward(ctx, rows, weight):
+        products = F.linear(rows, weight).contiguous()
+        picked = products.new_empty(products.shape[0], products.shape[2])
+        index = torch.empty(picked.shape, dtype=torch.int64)
+        network = _selection_network(rows.shape[1], (rows.shape[1] - 1) // 2)
+        _split(_median_kernel, products, picked, index, network=network, rank=(rows.shape[1] - 1) // 2)
+        ctx.save_for_backward(rows, weight, index, picked.sign())
+        return picked.abs()
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, weight, index, sign = ctx.saved_tensors
+        chosen = (sign * grad).contiguous()
+        grad_rows = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_rows = torch.zeros_like(rows)
+            _split(_scatter_rows, grad_rows, index, chosen, weight=weight.detach().contiguous().numpy())
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.zeros_like(weight)
+            _split(_gather_rows, grad_weight, index.t().contiguous(), chosen.t().contiguous(), rows=rows.detach().contiguous().numpy())
+        return grad_rows, grad_weight
+
+
+@numba.njit(cache=True, nogil=True)
+def _scatter_rows(grad_rows, index, chosen, weight):
+    """grad_rows[b, index[b, u]] += chosen[b, u] · weight[u]."""
+    for b in range(grad_rows.shape[0]):
+        for u in range(index.shape[1]):
+            r, c = index[b, u], chosen[b, u]
+            for t in range(weight.shape[1]):
+                grad_rows[b, r, t] += c * weight[u, t]
+
+
+@numba.njit(cache=True, nogil=True)
+def _gather_rows(grad_weight, index, chosen, rows):
+    """grad_weight[u] += Σ_b chosen[u, b] · rows[b, index[u, b]] (index and chosen transposed, so
+    that the threads split the units)."""
+    for u in range(grad_weight.shape[0]):
+        for b in range(index.shape[1]):
+            r, c = index[u, b], chosen[u, b]
+            for t in range(rows.shape[2]):
+                grad_weight[u, t] += c * rows[b, r, t]
+
+
+def _scale(rows: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """rows · d for rows (B, R, *shape) and d (B, *shape); by Numba's kernels on the CPU."""
+    return _ScaleRows.apply(rows, d) if rows.device.type == "cpu" else rows * d[:, None]
+
+
+def _relu_term_sum(lam: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """Σ over the units of [λ]_+ · l, (B, R), for rows λ (B, R, *shape) and l (B, *shape); by
+    Numba's kernels on the CPU."""
+    return _ReluTerm.apply(lam, low) if lam.device.type == "cpu" else (F.relu(lam) * low[:, None]).flatten(2).sum(2)
+
+
+class _ScaleRows(torch.autograd.Function):
+    """_scale with a backward of one Numba pass (∂rows = grad · d and ∂d = Σ_r grad · rows
+    together) where autograd's makes three over these rows, the largest tensors of the bound."""
+
+    @staticmethod
+    def forward(ctx, rows, d):
+        ctx.save_for_backward(rows, d)
+        return rows * d[:, None]
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, d = ctx.saved_tensors
+        flat = grad.contiguous().flatten(2)
+        grad_rows = torch.empty_like(flat) if ctx.needs_input_grad[0] else flat.new_empty(0, 0, 0)
+        grad_d = flat.new_empty(flat.shape[0], flat.shape[2]) if ctx.needs_input_grad[1] else flat.new_empty(0, 0)
+        _split(_scale_backward, flat, rows.contiguous().flatten(2), d.contiguous().flatten(1), grad_rows, grad_d)
+        return (grad_rows.reshape(rows.shape) if ctx.needs_input_grad[0] else None), (grad_d.reshape(d.shape) if ctx.needs_input_grad[1] else None)
+
+
+class _ReluTerm(torch.autograd.Function):
+    """_relu_term_sum in one Numba pass each way, where autograd's relu, product and sum make eight."""
+
+    @staticmethod
+    def forward(ctx, lam, low):
+        ctx.shapes = lam.shape, low.shape
+        lam, low = lam.contiguous().flatten(2), low.contiguous().flatten(1)
+        ctx.save_for_backward(lam, low)
+        out = lam.new_empty(lam.shape[:2])
+        _split(_relu_term, lam, low, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        lam, low = ctx.saved_tensors
+        grad_lam = torch.empty_like(lam)
+        grad_low = torch.empty_like(low)
+        _split(_relu_term_backward, grad.contiguous(), lam, low, grad_lam, grad_low)
+        return grad_lam.reshape(ctx.shapes[0]), grad_low.reshape(ctx.shapes[1])
+
+
+@numba.njit(cache=True, nogil=True)
+def _scale_backward(grad, rows, d, grad_rows, grad_d):
+    """grad_rows = grad · d and grad_d = Σ_r grad · rows, each skipped where given empty."""
+    batch, size, units = grad.shape
+    for b in range(batch):
+        if grad_d.shape[0]:
+            grad_d[b] = 0
+        for r in range(size):
+            if grad_rows.shape[0]:
+                for u in range(units):
+                    grad_rows[b, r, u] = grad[b, r, u] * d[b, u]
+            if grad_d.shape[0]:
+                for u in range(units):
+                    grad_d[b, u] += grad[b, r, u] * rows[b, r, u]
+
+
+@numba.njit(cache=True, nogil=True)
+def _relu_term(lam, low, out):
+    batch, size, units = lam.shape
+    for b in range(batch):
+        for r in range(size):
+            total = 0.0
+            for u in range(units):
+                total += max(lam[b, r, u], 0.0) * low[b, u]
+            out[b, r] = total
+
+
+@numba.njit(cache=True, nogil=True)
+def _relu_term_backward(grad, lam, low, grad_lam, grad_low):
+    batch, size, units = lam.shape
+    for b in range(batch):
+        grad_low[b] = 0
+        for r in range(size):
+            g = grad[b, r]
+            for u in range(units):
+                positive = lam[b, r, u] > 0
+                grad_lam[b, r, u] = g * low[b, u] if positive else 0.0
+                grad_low[b, u] += g * lam[b, r, u] if positive else 0.0
+
+
+def _split(kernel, *arrays, **constants):
+    """kernel(*arrays, **constants) on CPU tensors' numpy views, the first axis of `arrays` (not
+    of the constants) split over torch's threads: the kernels release the GIL."""
+    arrays = [a.detach().numpy() for a in arrays]
+    threads = min(torch.get_num_threads(), arrays[0].shape[0])
+    if threads <= 1:
+        kernel(*arrays, **constants)
+        return
+    edges = np.linspace(0, arrays[0].shape[0], threads + 1).astype(int)
+    parts = [_pool().submit(kernel, *(a[s:e] if a.shape[0] else a for a in arrays), **constants) for s, e in zip(edges, edges[1:])]
+    for part in parts:
+        part.result()
+
+
+@functools.cache
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(os.cpu_count())
 
 
 def _cauchy(shape, like, generator):
@@ -311,39 +551,61 @@ def _cauchy(shape, like, generator):
 
 def _abs_median(rows: torch.Tensor) -> torch.Tensor:
     """torch.median of |rows| over dim 1 (the lower median for even sizes)."""
-    if rows.shape[1] > MEDIAN_NETWORK_MAX:
+    if rows.shape[1] > MEDIAN_NETWORK_MAX or rows.device.type != "cpu":
         return rows.abs().median(1).values
     return _NetworkAbsMedian.apply(rows)
 
 
 class _NetworkAbsMedian(torch.autograd.Function):
-    """The median by a pruned Batcher sorting network of elementwise min/max: an order of
-    magnitude faster on CPU than torch.median's strided reduction. The gradient goes to the
-    elements whose magnitude equals it (ties are zeros, whose sign passes no gradient)."""
+    """The median by a pruned Batcher sorting network, run by a Numba kernel on each example's
+    |rows| in cache: the same network of torch min/max ops made a pass over memory per
+    comparator, and torch.median is slower still. The gradient goes to the chosen element."""
 
     @staticmethod
     def forward(ctx, rows):
-        magnitudes = rows.abs()
-        size = rows.shape[1]
-        wires = list(magnitudes.unbind(1))
-        for a, b, want_min, want_max in _selection_network(size, (size - 1) // 2):
-            low = torch.minimum(wires[a], wires[b]) if want_min else None
-            high = torch.maximum(wires[a], wires[b]) if want_max else None
-            wires[a], wires[b] = low, high
-        median = wires[(size - 1) // 2]
-        ctx.save_for_backward(rows.sign() * (magnitudes == median[:, None]))
-        return median
+        flat = rows.detach().flatten(2).contiguous()
+        picked = torch.empty(flat.shape[0], flat.shape[2], dtype=rows.dtype)
+        index = torch.empty(picked.shape, dtype=torch.int64)
+        network = _selection_network(flat.shape[1], (flat.shape[1] - 1) // 2)
+        _split(_median_kernel, flat, picked, index, network=network, rank=(flat.shape[1] - 1) // 2)
+        ctx.save_for_backward(index, picked.sign())
+        ctx.shape = rows.shape
+        return picked.abs().reshape(rows.shape[:1] + rows.shape[2:])
 
     @staticmethod
     def backward(ctx, grad):
-        (chosen,) = ctx.saved_tensors
-        return chosen * grad[:, None]
+        index, sign = ctx.saved_tensors
+        b, r = ctx.shape[:2]
+        chosen = torch.zeros(b, r, index.shape[1], dtype=grad.dtype, device=grad.device)
+        return chosen.scatter_(1, index[:, None], (sign * grad.reshape(b, -1))[:, None]).reshape(ctx.shape)
+
+
+@numba.njit(cache=True, nogil=True)
+def _median_kernel(rows, picked, index, network, rank):
+    """picked[b, u], index[b, u]: the row r whose |rows[b, r, u]| is of the given rank, by the
+    network's comparators (a, b) run over all u at once."""
+    batch, size, units = rows.shape
+    for b in range(batch):
+        wires = np.abs(rows[b])
+        for c in range(network.shape[0]):
+            one, two = network[c, 0], network[c, 1]
+            for u in range(units):
+                x, y = wires[one, u], wires[two, u]
+                wires[one, u] = min(x, y)
+                wires[two, u] = max(x, y)
+        for u in range(units):
+            median = wires[rank, u]
+            for r in range(size):
+                if abs(rows[b, r, u]) == median:
+                    picked[b, u] = rows[b, r, u]
+                    index[b, u] = r
+                    break
 
 
 @functools.cache
-def _selection_network(size: int, rank: int) -> tuple[tuple[int, int, bool, bool], ...]:
-    """Comparators (a, b, keep min on a?, keep max on b?) of Batcher's odd–even merge sort of
-    `size` wires, pruned to those that the wire `rank` depends on."""
+def _selection_network(size: int, rank: int) -> np.ndarray:
+    """Comparators (a, b), rows of an (n, 2) array, of Batcher's odd–even merge sort of `size`
+    wires, pruned to those that the wire `rank` depends on."""
     comparators = []
     p = 1
     while p < size:
@@ -358,20 +620,19 @@ def _selection_network(size: int, rank: int) -> tuple[tuple[int, int, bool, bool
     needed, kept = {rank}, []
     for a, b in reversed(comparators):
         if a in needed or b in needed:
-            kept.append((a, b, a in needed, b in needed))
+            kept.append((a, b))
             needed |= {a, b}
-    return tuple(reversed(kept))
+    return np.array(kept[::-1], dtype=np.int64).reshape(-1, 2)
 
 
-def _affine_rows(layer: nn.Module, rows: torch.Tensor) -> torch.Tensor:
-    """The layer without its bias on rows (B, R, *shape), all in one call."""
+def _affine_rows(layer: nn.Module, weight: torch.Tensor | None, rows: torch.Tensor, bias: bool = False) -> torch.Tensor:
+    """The layer on rows (B, R, *shape), all in one call; without its bias unless `bias`."""
     b, n = rows.shape[:2]
     if isinstance(layer, nn.Flatten):
         return rows.reshape(b, n, -1)
     if isinstance(layer, nn.Linear):
-        return F.linear(rows, layer.weight)
-    # channels-last in oneDNN's call only: its backward pass for many small images is several
-    # times faster so, and the elementwise kernels that follow are faster on plain layouts
-    images = rows.reshape(b * n, *rows.shape[2:]).contiguous(memory_format=torch.channels_last)
-    out = F.conv2d(images, layer.weight, None, layer.stride, layer.padding, layer.dilation, layer.groups).contiguous()
+        return F.linear(rows, weight, layer.bias if bias else None)
+    images = rows.reshape(b * n, *rows.shape[2:]).permute(0, 3, 1, 2)
+    out = F.conv2d(images, layer.weight, layer.bias if bias else None, layer.stride, layer.padding, layer.dilation, layer.groups)
+    out = out.permute(0, 2, 3, 1).contiguous()  # a no-op where oneDNN answers channels-last, as it does to channels-last inputs
     return out.reshape(b, n, *out.shape[1:])
