@@ -262,6 +262,9 @@ def run(path: str | Path, root: str | Path, data_root: str | None = None, dry_ru
     root = Path(root).absolute() if scheduler else Path(root)
     state = read_state(root)
     recorded = state["stages"]
+    # A stage reads raw data where this run would: from --data-root, else this run's
+    # PIXGEN_DATA_ROOT, whatever the environment of the cluster worker it lands on.
+    data_root = data_root or os.environ.get("PIXGEN_DATA_ROOT")
     env = {"PIXGEN_DATA_ROOT": str(Path(data_root).absolute())} if data_root else {}
     started = time.perf_counter()
     heads = {s.name: f"[{i}/{len(stages)}] {s.name} ({s.command})" for i, s in enumerate(stages, 1)}
