@@ -243,8 +243,15 @@ def write_state(root: Path, state: dict) -> None:
     os.replace(tmp, root / STATE)
 
 
+_LOG = threading.Lock()
+
+
 def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    # One line per call, whole, even when parallel stages log at once (print writes the text and
+    # the newline apart).
+    with _LOG:
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
 
 
 def run(path: str | Path, root: str | Path, data_root: str | None = None, dry_run: bool = False, jobs: int | None = None, scheduler: str | None = None) -> Path:
