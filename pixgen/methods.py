@@ -265,7 +265,8 @@ PLAIN = {"epochs": 10, "batch_size": 128, "lr": 2e-3}
 # Defaults chosen so that each method's full-MNIST training fits in ~45 minutes on 2 CPU cores at
 # the costs measured here: pgd on madry-cnn, PGD-5 + PGD-40 checks ≈ 4.8 min per epoch; dual on
 # wk-small, 10 projections ≈ 290 img/s on 2 idle cores at batch 32 or 50 alike (3.5 min per
-# epoch): 10 epochs took 37 min and certified 93.9% (7 epochs: 91.8%); ibp on wk-small costs ~3
+# epoch, with convex-adversarial's bound; pixgen.dual's step is about 2× that): 10 epochs took 37 min
+# and certified 93.9% (7 epochs: 91.8%); ibp on wk-small costs ~3
 # plain steps, so a long schedule like Gowal et al.'s fits where dual fits 10 epochs.
 METHODS: dict[str, Method] = {
     "standard": Method(standard_loss, PLAIN),
