@@ -17,6 +17,13 @@
 - `interval_margins`: interval bounds (Gowal et al. 2018), the last linear layer folded into the
   margin (elision). Loosest on networks not trained for it (on an IBP-trained one it can beat the
   dual bound, whose intermediate bounds differ), but a few forward passes, so it can train.
+
+A network's input normalisation (pixgen.models.Normalize) enters every bound as the equal 1×1
+convolution (`boundable`): an exact affine layer, so each bound is the one of the same map, and
+the ε-ball ∩ [0, 1] stays in pixels. It is not folded into the first convolution's weights:
+that convolution pads the normalised map with 0 (a pixel of value `mean`), which a folded one,
+padding the pixels with 0, would not reproduce. The LP composes the two as matrices, which carry
+the padding exactly.
 """
 
 from __future__ import annotations
@@ -27,11 +34,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import PixgenError, dual
+from . import PixgenError, dual, models
 
 BOUNDABLE = (nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten)
 ASCENT_LR, ASCENT_DECAY = 0.5, 0.98  # Adam on α with exponential decay, α-CROWN's recipe
 LP_SOLVERS = ("highs", "highs-ipm")  # tried in turn (see lp_margins)
+
+
+def boundable(model: nn.Sequential) -> nn.Sequential:
+    """`model` with its Normalize layers as the equal 1×1 convolutions, the layers shared."""
+    if not any(isinstance(layer, models.Normalize) for layer in model):
+        return model
+    return nn.Sequential(*(layer.as_conv() if isinstance(layer, models.Normalize) else layer for layer in model))
 
 
 def check_layers(model: nn.Sequential, method: str) -> None:
@@ -40,6 +54,7 @@ def check_layers(model: nn.Sequential, method: str) -> None:
     all: convex-adversarial's fails on current torch, and in training mode it is not one affine
     map per digit."""
     allowed = BOUNDABLE + ((nn.MaxPool2d,) if method == "ibp" else ())
+    model = boundable(model)
     for layer in model:
         if not isinstance(layer, allowed):
             kinds = "Conv2d/Linear/ReLU/Flatten" + ("/MaxPool2d" if method == "ibp" else "")
@@ -62,6 +77,7 @@ def interval_margins(model: nn.Sequential, images: torch.Tensor, labels: torch.T
     the box's centre and radius (W c + b, |W| r); ReLU, max-pool and flatten are monotone and map
     its ends. The last layer enters through the margin's weights w_y − w_j (elision), which is
     tighter than subtracting the two logits' intervals."""
+    model = boundable(model)
     lower, upper = (images - eps).clamp(0, 1), (images + eps).clamp(0, 1)
     for layer in model[:-1]:
         if isinstance(layer, nn.Linear):
@@ -99,7 +115,7 @@ def dual_logits(model: nn.Sequential, images: torch.Tensor, labels: torch.Tensor
     """(B, K) upper bounds on z_j − z_y over the ε-ball ∩ [0, 1] (column y is 0): exact with
     projections=0, else the random-projection estimate used for training (pixgen.dual, equal to
     convex-adversarial's `RobustBounds(bounded_input=True)`, which tests/test_dual.py checks)."""
-    return dual.bounds(model, images, labels, eps, projections)
+    return dual.bounds(boundable(model), images, labels, eps, projections)
 
 
 @torch.no_grad()
@@ -125,7 +141,7 @@ def dual_pass(model: nn.Sequential, images: torch.Tensor, labels: torch.Tensor, 
     from convex_adversarial import DualNetwork
     from convex_adversarial.dual_layers import DualReLU
 
-    dual = DualNetwork(model, images, eps, bounded_input=True, norm_type="l1")
+    dual = DualNetwork(boundable(model), images, eps, bounded_input=True, norm_type="l1")
     margins = dual(margin_specs(labels, images.dtype))
     bounds = [(layer.zl, layer.zu) for layer in dual.dual_net if isinstance(layer, DualReLU)]
     return margins, bounds
@@ -147,7 +163,7 @@ def backsubstitute(model, shapes, specs, x_lo, x_hi, bounds, alphas) -> torch.Te
     lam = specs
     const = specs.new_zeros(specs.shape[:2])
     relus = list(zip(bounds, alphas))
-    for layer, shape in zip(reversed(model), reversed(shapes)):
+    for layer, shape in zip(reversed(boundable(model)), reversed(shapes)):
         if isinstance(layer, nn.Linear):
             const = const + lam @ layer.bias
             lam = lam @ layer.weight
@@ -204,13 +220,14 @@ def optimise_slopes(model, images, labels, eps, bounds, steps: int) -> torch.Ten
 
 
 def affine_matrices(model: nn.Sequential, shapes) -> list[tuple]:
-    """(sparse CSC matrix, bias vector) of every Conv2d/Linear in order, in float64; a convolution
-    becomes the matrix of its action on the flattened (C, H, W) input, found by applying it to the
-    identity."""
+    """(sparse CSC matrix, bias vector) of the affine map before each ReLU and of the last one, in
+    order, in float64: a convolution becomes the matrix of its action on the flattened (C, H, W)
+    input, found by applying it to the identity, and affine layers with no ReLU between them (an
+    input normalisation and the first convolution) are composed into one."""
     from scipy import sparse
 
-    out = []
-    for layer, shape in zip(model, shapes):
+    out, pending = [], None  # pending: the affine map since the last ReLU
+    for layer, shape in zip(boundable(model), shapes):
         if isinstance(layer, nn.Linear):
             matrix, bias = layer.weight.detach().double().numpy(), layer.bias.detach().double().numpy()
         elif isinstance(layer, nn.Conv2d):
@@ -221,9 +238,13 @@ def affine_matrices(model: nn.Sequential, shapes) -> list[tuple]:
             matrix = columns.reshape(n, -1).T.numpy()
             bias = layer.bias.detach().double()[:, None].expand(-1, columns[0, 0].numel()).reshape(-1).numpy()
         else:
+            if isinstance(layer, nn.ReLU):
+                out.append(pending)
+                pending = None
             continue
-        out.append((sparse.csc_matrix(matrix), bias))
-    return out
+        matrix = sparse.csc_matrix(matrix)
+        pending = (matrix, bias) if pending is None else (sparse.csc_matrix(matrix @ pending[0]), matrix @ pending[1] + bias)
+    return [*out, pending]
 
 
 def lp_margins(affine, x_lo: np.ndarray, x_hi: np.ndarray, bounds, label: int) -> np.ndarray:

@@ -1,7 +1,7 @@
 """The certify stage: per test digit and wrong class j, a lower bound on the margin
-f_y(x+δ) − f_j(x+δ) over the ε-ball ∩ [0, 1], by one of the bounds of pixgen.bounds (dual,
-dual-opt, lp, ibp). All bounds are computed in float64 (the LP and the α ascent would otherwise
-disagree at 1e-5).
+f_y(x+δ) − f_j(x+δ) over the ε-ball ∩ [0, 1] (ε in pixels, or stated in the network's input units
+and × its normalisation's std), by one of the bounds of pixgen.bounds (dual, dual-opt, lp, ibp).
+All bounds are computed in float64 (the LP and the α ascent would otherwise disagree at 1e-5).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class CertifyConfig:
     seed: int = 0
     steps: int | None = None  # dual-opt only; None elsewhere, so it is no part of their identity
     chunk: int = 10  # digits per unit of work and per batch
+    eps_units: str = "pixel"  # "input": eps is in the network's normalised input units, × its std in pixels
 
 
 def resolve(config: CertifyConfig) -> CertifyConfig:
@@ -39,8 +40,11 @@ def resolve(config: CertifyConfig) -> CertifyConfig:
 def validate(config: CertifyConfig) -> None:
     if config.method not in METHODS:
         raise PixgenError(f"unknown certify method {config.method!r}; choose one of {', '.join(METHODS)}")
-    if not 0 <= config.eps <= 1:
-        raise PixgenError(f"--eps must lie in [0, 1] (pixel units), got {config.eps}")
+    if config.eps_units not in models.EPS_UNITS:
+        raise PixgenError(f"unknown ε units {config.eps_units!r}; choose one of {', '.join(models.EPS_UNITS)}")
+    # An input-unit ε's upper limit depends on the network's std, so run checks it.
+    if not 0 <= config.eps <= (1 if config.eps_units == "pixel" else float("inf")):
+        raise PixgenError(f"--eps must be at least 0{' and at most 1 (pixel units)' if config.eps_units == 'pixel' else ''}, got {config.eps}")
     if config.count < 1 or config.chunk < 1:
         raise PixgenError(f"need count >= 1 and chunk >= 1, got {config.count}, {config.chunk}")
     if config.method != "dual-opt" and config.steps is not None:
@@ -87,6 +91,11 @@ def run(config: CertifyConfig, model_dir: str | Path, out: str | Path, data_root
     validate(config)
     model, meta = models.load(model_dir)
     bounds.check_layers(model, config.method)
+    eps_to_pixel = models.eps_to_pixel(model, config.eps_units)
+    # The bounds run on `bounded`, the config with ε in pixels; the asset's identity stays `config`.
+    bounded = replace(config, eps=config.eps * eps_to_pixel)
+    if bounded.eps > 1:
+        raise PixgenError(f"--eps {config.eps:g} in input units is {bounded.eps:g} in pixels (× the network's std {eps_to_pixel:g}), beyond the pixel range's 1; lower it")
     weights = models.weights_hash(model)
     model = model.double().requires_grad_(False)
     dataset = meta.get("dataset", "mnist")
@@ -104,6 +113,7 @@ def run(config: CertifyConfig, model_dir: str | Path, out: str | Path, data_root
         inputs={"model": weights, f"{dataset}-test": data.identity(images, labels)},
         attrs={
             "model_arch": meta["arch"], "model_config_hash": meta["config_hash"], "true_class_bound": "+inf",
+            "eps_units": config.eps_units, "eps_to_pixel": eps_to_pixel, "pixel_eps": bounded.eps,
             **({"lp_bound": "HiGHS's dual objective (a lower bound within its dual feasibility tolerance, 1e-7)"} if config.method == "lp" else {}),
         },  # fmt: skip
     )
@@ -112,7 +122,7 @@ def run(config: CertifyConfig, model_dir: str | Path, out: str | Path, data_root
         span = slice(unit * c, min(n, (unit + 1) * c))
         x = torch.from_numpy(images[indices[span]]).to(torch.float64).div(255).unsqueeze(1)
         y = torch.from_numpy(labels[indices[span]])
-        margins, seconds = bound_chunk(model, x, y, config)
+        margins, seconds = bound_chunk(model, x, y, bounded)
         writes = {"bounds": margins, "certified": margins.min(1) > 0, "seconds": seconds, "labels": y.numpy(), "indices": indices[span]}
         return {name: (span, value) for name, value in writes.items()}
 

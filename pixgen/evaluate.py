@@ -56,7 +56,10 @@ class EvalConfig:
     name of pixgen.attacks.ATTACKS, run on the attack digits; test_size: digits of the suites, a
     fixed class-balanced subset of the test split (None: all); attack_size: the attack digits, a
     fixed class-balanced subset of those (None: ATTACK_SIZE, or all of them if fewer);
-    certify_size: the first this many attack digits get the exact certificate (dual networks)."""
+    certify_size: the first this many attack digits get the exact certificate (dual networks);
+    eps_units: what the attack grids are in: "pixel" (images in [0, 1]) or "input", the units the
+    network's first layer sees after its normalisation (models.Normalize), converted to pixels by
+    × its std (1 without one) before any attack runs."""
 
     suites: tuple[str, ...] = ("clean", "calibration", "ood", "consistency", "corruptions", "certify")
     attacks: tuple[tuple[str, tuple[float, ...]], ...] = (("fgsm", grid(0.5, 0.02)), ("pgd", grid(0.5, 0.1)))
@@ -70,6 +73,7 @@ class EvalConfig:
     adaptive_steps: int = 20  # steps of each attack on DENT's internals
     max_shift: int = 2
     certify_size: int = 1000
+    eps_units: str = "pixel"
 
     def __post_init__(self):
         # JSON gives lists back; the config must stay hashable and compare equal to the one made.
@@ -85,9 +89,13 @@ class EvalConfig:
         known = ("none", *DENT_DEFENSES)
         if not self.defenses or any(d not in known for d in self.defenses) or len(set(self.defenses)) != len(self.defenses):
             raise PixgenError(f"defences must be distinct names from {', '.join(known)}, got {', '.join(self.defenses) or '(none)'}")
+        if self.eps_units not in models.EPS_UNITS:
+            raise PixgenError(f"unknown ε units {self.eps_units!r}; choose one of {', '.join(models.EPS_UNITS)}")
+        # An input-unit ε's upper limit depends on the model's std, so evaluate.run checks it.
+        top, allowed = (1, "in [0, 1] (pixel units)") if self.eps_units == "pixel" else (float("inf"), "≥ 0 (input units)")
         for name, eps in self.attacks:
-            if not eps or any(not 0 <= e <= 1 for e in eps) or list(eps) != sorted(set(eps)):
-                raise PixgenError(f"{name}'s ε must be increasing budgets in [0, 1] (pixel units), got {', '.join(map(str, eps)) or '(none)'}")
+            if not eps or any(not 0 <= e <= top for e in eps) or list(eps) != sorted(set(eps)):
+                raise PixgenError(f"{name}'s ε must be increasing budgets {allowed}, got {', '.join(map(str, eps)) or '(none)'}")
         for name in ("batch_size", "certify_size", "max_shift", "pgd_restarts", "adaptive_steps"):
             if getattr(self, name) < 1:
                 raise PixgenError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -145,7 +153,7 @@ def attack_unit(setup: "Setup", defence: str, attack: str) -> assets.Writes:
     """Per threat, (E, M) correct-or-not of the attack digits; under `none` also the adversarial
     versions of the first EXAMPLES digits, for the report."""
     x, y, _ = setup.attack
-    eps_list = setup.config.eps(attack)
+    eps_list = setup.pixel_eps(attack)
     network = setup.networks[defence]
     made = threats(setup, defence, attack)
     correct = {t: np.zeros((len(eps_list), len(y)), bool) for t in made}
@@ -350,7 +358,7 @@ def outcomes(group, d: str, attack: str) -> dict[str, np.ndarray]:
 def attack_summary(group, setup: "Setup", d: str, attack: str) -> dict:
     """Per threat and its per-digit AND (`worst`): accuracy and interval per ε."""
     correct = outcomes(group, d, attack)
-    entry = {"eps": list(setup.config.eps(attack)), "count": int(len(setup.attack[1]))}
+    entry = {"eps": list(setup.pixel_eps(attack)), "stated_eps": list(setup.config.eps(attack)), "count": int(len(setup.attack[1]))}
     for threat, c in {**correct, "worst": np.logical_and.reduce(list(correct.values()))}.items():
         stats = interval(c)
         entry[threat], entry[f"{threat}_interval"] = stats["accuracy"], stats["interval"]
@@ -359,14 +367,15 @@ def attack_summary(group, setup: "Setup", d: str, attack: str) -> dict:
 
 def sanity(group, setup: "Setup", results: dict) -> list[str]:
     """Carlini et al. 2019's checks on the stored outcomes: accuracy must not rise with ε (per
-    attack and defence); no digit certified at ε is broken by an attack at ε."""
+    attack and defence); no digit certified at ε is broken by an attack at ε (both in pixels)."""
     warnings = []
+    grids = {a: setup.pixel_eps(a) for a, _ in setup.config.attacks}
     for d, suites in results.items():
-        worst = {a: dict(zip(grid_, np.logical_and.reduce(list(outcomes(group, d, a).values())))) for a, grid_ in setup.config.attacks if a in suites}
+        worst = {a: dict(zip(grid_, np.logical_and.reduce(list(outcomes(group, d, a).values())))) for a, grid_ in grids.items() if a in suites}
         warnings += [f"{d}: {w}" for w in attacks.sanity_warnings(worst)]
     if "certified" in group:
         proved, eps = group["certified"][:], training_eps(setup.meta)
-        for attack, grid_ in setup.config.attacks:
+        for attack, grid_ in grids.items():
             if "none" in results and attack in results["none"] and eps in grid_:
                 broken = ~group[f"none_{attack}_standard"][grid_.index(eps)][: len(proved)]
                 if (broken & proved).any():
@@ -393,12 +402,17 @@ class Setup:
     corrupt_labels: np.ndarray | None
     data_root: object
     device: torch.device
+    eps_to_pixel: float  # pixel ε per ε of the config's grids: 1, or the network's std (eps_units "input")
 
     @functools.cached_property
     def pool(self) -> torch.Tensor:
         """The clean batch-mates EOT places each adversarial digit among (the test digits), made
         once, when an EOT attack first needs them, not each time the threats are listed."""
         return to_tensor(self.test[0], self.device)
+
+    def pixel_eps(self, attack: str) -> tuple[float, ...]:
+        """The attack's ε grid in pixels, the budgets its attacks run at."""
+        return tuple(e * self.eps_to_pixel for e in self.config.eps(attack))
 
     @property
     def classes(self) -> int:
@@ -494,16 +508,23 @@ def run(config: EvalConfig, model_dir, out, corrupt=None, data_root=None, force:
     attack_index = test_index[data.balanced_subset(labels[test_index], attack_size, SUBSET_SEED)]
     test = (images[test_index], labels[test_index], test_index)
     attack = (to_tensor(images[attack_index], device), torch.as_tensor(labels[attack_index], device=device), attack_index)
+    eps_to_pixel = models.eps_to_pixel(static, config.eps_units)
+    too_large = [(a, e) for a, grid_ in config.attacks for e in grid_ if e * eps_to_pixel > 1]
+    if too_large:
+        attack, e = too_large[0]
+        raise PixgenError(f"{attack}'s ε {e:g} in input units is {e * eps_to_pixel:g} in pixels (× the network's std {eps_to_pixel:g}), beyond the pixel range's 1; lower it")
     networks = {"none": static, **{d: Dent(static, replace(config.dent, adapt_input=DENT_DEFENSES[d].adapt_input)).eval() for d in config.defenses if d != "none"}}
-    setup = Setup(config, static, meta, networks, dataset, test, attack, corrupt, corruptions, corrupt_labels, data_root, device)
+    setup = Setup(config, static, meta, networks, dataset, test, attack, corrupt, corruptions, corrupt_labels, data_root, device, eps_to_pixel)
     tasks = tasks_of(config, meta, corrupt)
     if any(suite == "certify" for _, suite in tasks):
         bounds.check_layers(static, "dual")
     model_entry = {
         "path": str(model_dir), "arch": meta["arch"], "method": meta.get("method"), "dataset": dataset, "config_hash": meta.get("config_hash"),
-        "weights_hash": inputs["model"], "eps": meta.get("eps"), "dent_variants": {d: networks[d].variant for d in networks if d != "none"},
+        "weights_hash": inputs["model"], "eps": meta.get("eps"), "normalize": meta.get("normalize"),
+        "dent_variants": {d: networks[d].variant for d in networks if d != "none"},
     }  # fmt: skip
-    attrs = {"model": model_entry, **({"corruptions": corruptions} if corrupt is not None else {})}
+    # Each attack entry has `eps` (pixels, what ran) and `stated_eps` (the grid as given, in eps_units).
+    attrs = {"model": model_entry, "eps_units": config.eps_units, "eps_to_pixel": eps_to_pixel, **({"corruptions": corruptions} if corrupt is not None else {})}
     plan = assets.Plan("evaluate", config, arrays_of(setup, tasks), units=len(tasks), inputs=inputs, attrs=attrs)
     shared = {"labels": test[1], "indices": test_index, "attack_labels": attack[1].cpu().numpy(), "attack_indices": attack_index}
     if corrupt is not None:

@@ -50,6 +50,7 @@ class TrainConfig:
     method: str = "standard"
     arch: str = "wk-small"
     dataset: str = "mnist"
+    normalize: tuple[float, float] | None = None  # (mean, std): the network's first layer is (x − mean)/std
     epochs: int | None = None
     seed: int = 0
     batch_size: int | None = None
@@ -70,6 +71,8 @@ class TrainConfig:
         if self.method not in METHODS:
             raise PixgenError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         method = METHODS[self.method]
+        if self.normalize is not None:  # floats in a tuple, so equal pairs hash equally
+            object.__setattr__(self, "normalize", normalize_pair(self.normalize))
         foreign = [f.name for f in fields(self) if f.name in METHOD_OPTIONS and f.name not in method.options and getattr(self, f.name) is not None]
         if foreign:
             names = ", ".join("--" + n.replace("_", "-") for n in foreign)
@@ -179,6 +182,14 @@ def ibp_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, step:
 # ---- checks ----------------------------------------------------------------------------------
 
 
+def normalize_pair(value) -> tuple[float, float]:
+    """(mean, std) of --normalize, checked: two finite numbers, std > 0."""
+    pair = tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in pair) or not pair[1] > 0:
+        raise PixgenError(f"--normalize takes MEAN,STD: two finite numbers with STD > 0 (e.g. 0.1307,0.3081 for MNIST, 0.5,0.5 for PixMix's [-1, 1]), got {','.join(map(str, pair))}")
+    return float(pair[0]), float(pair[1])
+
+
 def check_common(config: TrainConfig) -> None:
     data.spec(config.dataset)
     if config.arch not in models.ARCHS:
@@ -209,14 +220,14 @@ def check_pgd(config: TrainConfig) -> None:
 
 
 def check_dual(config: TrainConfig) -> None:
-    bounds.check_layers(models.build(config.arch, config.dataset), "dual")
+    bounds.check_layers(models.build(config.arch, config.dataset, config.normalize), "dual")
     pixels = math.prod(data.spec(config.dataset).shape)
     if not 0 <= config.projections < pixels:
         raise PixgenError(f"need 0 <= projections < {pixels} (0: the exact bound), got {config.projections}")
 
 
 def check_ibp(config: TrainConfig) -> None:
-    bounds.check_layers(models.build(config.arch, config.dataset), "ibp")
+    bounds.check_layers(models.build(config.arch, config.dataset, config.normalize), "ibp")
 
 
 # ---- metrics ---------------------------------------------------------------------------------

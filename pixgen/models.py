@@ -1,9 +1,12 @@
 """Network definitions by name, device choice, and the model asset (a folder: weights + metadata).
 
-Networks take pixels in [0, 1] (no input normalisation), so attack budgets are in pixel units;
-their input shape and number of classes come from the dataset (pixgen.data.DATASETS).
-All are nn.Sequential of Conv2d/Linear/ReLU/Flatten (and BatchNorm2d, MaxPool2d), the form the
-convex-adversarial library can bound.
+Networks take pixels in [0, 1], so attack budgets are in pixel units; an input normalisation
+(x − mean)/std, when a network has one (`pixgen train --normalize`), is its first layer
+(`Normalize`), inside the network, so attacks, DENT and the bounds still see pixels. Their input
+shape and number of classes come from the dataset (pixgen.data.DATASETS).
+All are nn.Sequential of Conv2d/Linear/ReLU/Flatten (and BatchNorm2d, MaxPool2d, Normalize), the
+form the convex-adversarial library can bound (pixgen.bounds hands it Normalize as the equal 1×1
+convolution).
 """
 
 from __future__ import annotations
@@ -22,6 +25,37 @@ from .assets import fault
 
 WEIGHTS = "state_dict.pt"
 META = "meta.json"
+
+
+class Normalize(nn.Module):
+    """(x − mean) / std, the same scalar pair for every channel: the input normalisation some
+    reference code (PixMix: mean 0.5, std 0.5, images in [−1, 1]) applies before the network. The
+    pair is held in buffers, so it travels with the weights (state_dict, .double(), .to(device))
+    and no optimiser or DENT adapts it."""
+
+    def __init__(self, mean: float, std: float, channels: int):
+        super().__init__()
+        self.channels = channels
+        self.register_buffer("mean", torch.tensor(float(mean)))
+        self.register_buffer("std", torch.tensor(float(std)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def as_conv(self) -> nn.Conv2d:
+        """The same map as a 1×1 convolution (weights I/std, bias −mean/std) without padding, a
+        layer every bound already handles exactly. Dense over channels rather than grouped,
+        because convex-adversarial ignores `groups`. Made without the default initialisation, which
+        would draw from torch's global RNG, the one training checkpoints, at every bound."""
+        like = {"dtype": self.mean.dtype, "device": self.mean.device}
+        conv = nn.utils.skip_init(nn.Conv2d, self.channels, self.channels, 1, **like).requires_grad_(False)
+        eye = torch.eye(self.channels, **like)
+        conv.weight.copy_((eye / self.std)[:, :, None, None])
+        conv.bias.copy_((-self.mean / self.std).expand(self.channels))
+        return conv
+
+    def extra_repr(self) -> str:
+        return f"mean={float(self.mean):g}, std={float(self.std):g}"
 
 
 def _wk_small(shape: tuple[int, int, int], classes: int, bn: bool) -> nn.Sequential:
@@ -49,12 +83,27 @@ ARCHS = {
 }
 
 
-def build(arch: str, dataset: str = "mnist") -> nn.Sequential:
-    """The network `arch` for images and classes of `dataset` (pixgen.data.DATASETS)."""
+def build(arch: str, dataset: str = "mnist", normalize: tuple[float, float] | None = None) -> nn.Sequential:
+    """The network `arch` for images and classes of `dataset` (pixgen.data.DATASETS), preceded by
+    Normalize(mean, std) when `normalize` is that pair."""
     if arch not in ARCHS:
         raise PixgenError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     spec = data.spec(dataset)
-    return ARCHS[arch](spec.shape, spec.classes)
+    network = ARCHS[arch](spec.shape, spec.classes)
+    if normalize is None:
+        return network
+    return nn.Sequential(Normalize(*normalize, channels=spec.shape[0]), *network)
+
+
+# Units an ε can be stated in: pixels (images in [0, 1]), or the network's input units, those its
+# layers after its normalisation see (pixgen evaluate / certify --eps-units).
+EPS_UNITS = ("pixel", "input")
+
+
+def eps_to_pixel(model: nn.Sequential, units: str) -> float:
+    """The factor that turns an ε in `units` into pixels: for "input", the network's
+    normalisation's std (1 without one); for "pixel", 1."""
+    return float(model[0].std) if units == "input" and isinstance(model[0], Normalize) else 1.0
 
 
 def device() -> torch.device:
@@ -111,7 +160,7 @@ def load(folder: str | Path, map_location: str | torch.device = "cpu") -> tuple[
     meta = read_meta(folder)
     if not meta.get("complete"):
         raise PixgenError(f"model {folder} is not finished training; rerun its pixgen train command")
-    model = build(meta["arch"], meta.get("dataset", "mnist"))
+    model = build(meta["arch"], meta.get("dataset", "mnist"), meta.get("normalize"))
     try:
         model.load_state_dict(torch.load(Path(folder) / WEIGHTS, map_location=map_location, weights_only=True))
     except Exception as exc:  # torch raises many types for a truncated or foreign file

@@ -31,7 +31,7 @@ from .evaluate import ATTACK_SIZE, SUITES, EvalConfig
 from .featvis import FeatvisConfig
 from .fractals import FractalConfig
 from .report import ReportConfig
-from .methods import KAPPA, METHODS, PGD_ATTACKS, TRAIN_EPS_FACTOR, TrainConfig, default_text
+from .methods import KAPPA, METHODS, PGD_ATTACKS, TRAIN_EPS_FACTOR, TrainConfig, default_text, normalize_pair
 
 
 @dataclass(frozen=True)
@@ -70,10 +70,24 @@ data_root_option = click.option(
 )
 
 
+class Normalization(click.ParamType):
+    """MEAN,STD: two comma-separated numbers (or, from a pipeline file, a list of two), checked as
+    TrainConfig checks them."""
+
+    name = "mean,std"
+
+    def convert(self, value, param, ctx):
+        try:
+            return normalize_pair(float(v) for v in (value if isinstance(value, (tuple, list)) else str(value).split(",")))
+        except (TypeError, ValueError):
+            self.fail(f"expected MEAN,STD, two numbers such as 0.5,0.5; got {value!r}", param, ctx)
+
+
 @stage("train", output="folder")
 @click.option("--method", type=click.Choice(list(METHODS)), default=TrainConfig.method, help="Training method: plain cross-entropy; the same on PixMix shards; adversarial training (primal); Wong & Kolter's dual bound; interval bounds (Gowal et al.).")
 @click.option("--arch", type=click.Choice(list(models.ARCHS)), default=TrainConfig.arch, help="Network architecture (dual: wk-small only; ibp: not wk-small-bn).")
 @dataset_option
+@click.option("--normalize", type=Normalization(), default=TrainConfig.normalize, help="MEAN,STD: make the network's first layer (x − MEAN)/STD, inside the network, so attacks and bounds still take pixels in [0, 1] and every ε stays in pixel units (MNIST's usual 0.1307,0.3081; PixMix's 0.5,0.5, which maps pixels to [−1, 1]). Default: no normalisation.")
 @click.option("--epochs", type=click.IntRange(1), default=None, help=f"Passes over the training split. Default: {default_text('epochs')}.")
 @click.option("--seed", type=int, default=TrainConfig.seed, help="Seed of the initial weights, the batch order and the attacks' / projections' randomness.")
 @click.option("--batch-size", type=click.IntRange(1), default=None, help=f"Training batch size. Default: {default_text('batch_size')}.")
@@ -188,9 +202,14 @@ def featvis(model_dir, out, count, seed, size, steps, min_ratio, data_root, forc
 
 
 class EpsGrid(click.ParamType):
-    """ε budgets: "0.1,0.3", or START:STOP:STEP for START, START + STEP, … STOP; increasing, in [0, 1]."""
+    """ε budgets: "0.1,0.3", or START:STOP:STEP for START, START + STEP, … STOP; increasing, at
+    least 0 and, in pixel units, at most 1 (`pixel=False`: an evaluation's grid, whose units
+    --eps-units says, is bounded by EvalConfig)."""
 
     name = "grid"
+
+    def __init__(self, pixel: bool = True):
+        self.pixel = pixel
 
     def convert(self, value, param, ctx):
         if isinstance(value, tuple):
@@ -207,8 +226,8 @@ class EpsGrid(click.ParamType):
             parts = tuple(round(start + step * i, 6) for i in range(int(round((stop - start) / step)) + 1))
         if not parts:
             self.fail(f"no ε given in {text!r}", param, ctx)
-        if any(not 0 <= e <= 1 for e in parts) or list(parts) != sorted(set(parts)):
-            self.fail(f"ε must be increasing budgets in [0, 1] (pixel units), got {text!r}", param, ctx)
+        if any(not 0 <= e <= (1 if self.pixel else float("inf")) for e in parts) or list(parts) != sorted(set(parts)):
+            self.fail(f"ε must be increasing budgets {'in [0, 1] (pixel units)' if self.pixel else '≥ 0 (in [0, 1] in pixel units)'}, got {text!r}", param, ctx)
         return parts
 
 
@@ -229,14 +248,15 @@ class AttackGrid(click.ParamType):
             return ("none", ())
         if not sep or name not in ATTACKS:
             self.fail(f"expected NAME=GRID with NAME one of {', '.join(ATTACKS)} (e.g. pgd=0:0.5:0.1), or none; got {value!r}", param, ctx)
-        return (name, EpsGrid().convert(grid, param, ctx))
+        return (name, EpsGrid(pixel=False).convert(grid, param, ctx))
 
 
 @stage("evaluate", output="zarr")
 @click.option("--model", "model_dir", type=click.Path(), required=True, help="Trained model folder (pixgen train).")
 @click.option("--defense", "defenses", default=",".join(EvalConfig.defenses), help=f"Comma-separated defences evaluated around the network: none, {', '.join(DENT_DEFENSES)} (DENT adapting the model only, as published; or the model and the input).")
 @click.option("--suite", "suites", default=",".join(EvalConfig.suites), help=f"Comma-separated suites without attacks, from: {', '.join(SUITES)} (corruptions needs --corrupt; certify acts on dual networks only); none for no suite.")
-@click.option("--attack", "attack_grids", type=AttackGrid(), multiple=True, default=EvalConfig.attacks, help=f"An attack and its ε budgets, NAME=GRID (GRID comma-separated or START:STOP:STEP, increasing, in [0, 1]); repeat for several; NAME from: {', '.join(ATTACKS)}; none for no attack. Default: {' '.join(f'{n}={_grid_text(g)}' for n, g in EvalConfig.attacks)}.", show_default=False)
+@click.option("--attack", "attack_grids", type=AttackGrid(), multiple=True, default=EvalConfig.attacks, help=f"An attack and its ε budgets, NAME=GRID (GRID comma-separated or START:STOP:STEP, increasing, in the units of --eps-units: in [0, 1] for pixels); repeat for several; NAME from: {', '.join(ATTACKS)}; none for no attack. Default: {' '.join(f'{n}={_grid_text(g)}' for n, g in EvalConfig.attacks)}.", show_default=False)
+@click.option("--eps-units", type=click.Choice(models.EPS_UNITS), default=EvalConfig.eps_units, help="Units of the --attack grids: pixel (images in [0, 1]), or input, the units of a network trained with --normalize MEAN,STD after its normalisation, run at ε × STD in pixels (PixMix's 0.5,0.5: input ε 0.3 is pixel ε 0.15); the same as pixel for a network without one.")
 @click.option("--corrupt", type=click.Path(), default=None, help="Corrupted test set (pixgen corrupt, of the model's dataset) for the corruptions suite.")
 @click.option("--test-size", type=click.IntRange(1), default=EvalConfig.test_size, help="Digits of the suites without attacks: a fixed class-balanced subset of the test split. Default: all of it.")
 @click.option("--attack-size", type=click.IntRange(1), default=EvalConfig.attack_size, help=f"Digits attacked: a fixed class-balanced subset of the test digits. Default: {ATTACK_SIZE}, or all the test digits if fewer.")
@@ -280,8 +300,8 @@ def _names(value: str) -> tuple[str, ...]:
 @click.option("--shards", type=click.Path(), default=None, help="PixMix shards (pixgen augment) to show beside their original images.")
 @click.option("--mnist-c", type=click.Path(), default=None, help="Corrupted test set (pixgen corrupt) to show, a row per corruption.")
 @click.option("--certify", "certify_assets", multiple=True, type=click.Path(), help="Certify asset (pixgen certify) for the certified-accuracy table and the LP-against-dual bounds figure; repeat for several.")
-@click.option("--table-eps", type=EpsGrid(), default=_grid_text(ReportConfig.table_eps), help="ε of the summary table's attack columns.")
-@click.option("--adv-eps", type=EpsGrid(), default=_grid_text(ReportConfig.adv_eps), help="ε of the rows of each evaluation's adversarial-digit grid (those it ran).")
+@click.option("--table-eps", type=EpsGrid(), default=_grid_text(ReportConfig.table_eps), help="ε (pixel units) of the summary table's attack columns; an evaluation stated in input units is matched by the pixel ε it ran at.")
+@click.option("--adv-eps", type=EpsGrid(), default=_grid_text(ReportConfig.adv_eps), help="ε (pixel units) of the rows of each evaluation's adversarial-digit grid (those it ran).")
 @click.option("--grid-count", type=click.IntRange(1), default=ReportConfig.grid_count, help="Mixing pictures shown per mixing set.")
 @click.option("--columns", type=click.IntRange(1), default=ReportConfig.columns, help="Images per row of the shard, MNIST-C and mixing grids.")
 @data_root_option
@@ -296,7 +316,8 @@ def report(evals, out, fractals, featvis, shards, mnist_c, certify_assets, table
 
 @stage("certify", output="zarr")
 @click.option("--model", "model_dir", type=click.Path(file_okay=False), required=True, help="Trained model folder (pixgen train).")
-@click.option("--eps", type=click.FloatRange(0, 1), required=True, help="L∞ budget in pixel units [0, 1]; the ball is intersected with the pixel box [0, 1].")
+@click.option("--eps", type=click.FloatRange(0), required=True, help="L∞ budget, in the units of --eps-units (pixels: at most 1); the ball is intersected with the pixel box [0, 1].")
+@click.option("--eps-units", type=click.Choice(models.EPS_UNITS), default=CertifyConfig.eps_units, help="Units of --eps: pixel (images in [0, 1]), or input, after the network's --normalize MEAN,STD layer, certified at ε × STD in pixels (as pixgen evaluate --eps-units).")
 @click.option("--method", type=click.Choice(CERTIFY_METHODS), default=CertifyConfig.method, help="Bound: Wong & Kolter's dual network; the same with optimised ReLU slopes; the primal LP of that relaxation (HiGHS); interval bounds.")
 @click.option("--count", type=click.IntRange(1), default=CertifyConfig.count, help="Size of the fixed class-balanced sample of test digits.")
 @click.option("--seed", type=int, default=CertifyConfig.seed, help="Seed of the test sample.")
@@ -305,9 +326,9 @@ def report(evals, out, fractals, featvis, shards, mnist_c, certify_assets, table
 @data_root_option
 @click.option("--out", type=click.Path(), required=True, help="Certify asset to write (Zarr).")
 @click.option("--force", is_flag=True, help="Replace an asset at --out made with another config or model.")
-def certify(model_dir, eps, method, count, seed, steps, chunk, data_root, out, force):
+def certify(model_dir, eps, eps_units, method, count, seed, steps, chunk, data_root, out, force):
     """Certify test digits: per wrong class, a lower bound on the margin over the ε-ball ∩ [0, 1] (resumable)."""
     from .certify import run
 
-    config = CertifyConfig(eps=eps, method=method, count=count, seed=seed, steps=steps, chunk=chunk)
+    config = CertifyConfig(eps=eps, method=method, count=count, seed=seed, steps=steps, chunk=chunk, eps_units=eps_units)
     click.echo(f"output: {run(config, model_dir, out, data_root, force)}")

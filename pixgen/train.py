@@ -204,10 +204,11 @@ def _train(config: TrainConfig, out: Path, identity: dict, force: bool, train_sp
     (train_images, train_labels), (val_images, val_labels) = train_split, val_split
     dev = models.device()
     torch.manual_seed(config.seed)
-    model = models.build(config.arch, config.dataset).to(dev)
+    model = models.build(config.arch, config.dataset, config.normalize).to(dev)
     meta = {
         "arch": config.arch,
         "dataset": config.dataset,
+        "normalize": config.normalize,  # models.load rebuilds the network's first layer from it
         "method": config.method,
         "config": to_dict(config),
         **identity,

@@ -176,7 +176,8 @@ def odd_models(tmp) -> dict[str, Path]:
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--model", "{ibp}", "--eps", "-0.1"], "-0.1 is not in the range 0<=x<=1"),
+        (["--model", "{ibp}", "--eps", "-0.1"], "-0.1 is not in the range x>=0"),
+        (["--model", "{ibp}", "--eps", "1.5"], "--eps must be at least 0 and at most 1 (pixel units), got 1.5"),
         (["--model", "{madry-cnn}", "--eps", "0.1", "--method", "lp"], "method lp cannot bound the MaxPool2d layer"),
         (["--model", "{wk-small-bn}", "--eps", "0.1", "--method", "ibp"], "method ibp cannot bound the BatchNorm2d layer"),
         (["--model", "{ibp}", "--eps", "0.1", "--steps", "5"], "--steps applies to method dual-opt"),

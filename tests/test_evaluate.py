@@ -171,7 +171,7 @@ def test_bad_config_values():
     "args, message",
     [
         (["--suite", "clean,robustness"], "unknown suite robustness"),
-        (["--attack", "pgd=0.1,-0.2"], "increasing budgets in [0, 1]"),
+        (["--attack", "pgd=0.1,-0.2"], "increasing budgets ≥ 0"),
         (["--attack", "fgsm=0.5:0:0.1"], "START <= STOP"),
         (["--attack", "fgsm=,"], "no ε given"),
         (["--attack", "autoattack=2"], "increasing budgets in [0, 1]"),

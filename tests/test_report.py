@@ -171,7 +171,7 @@ def test_summary_marks_the_best_of_every_model_in_its_direction(built):
     assert bold("uniform FPR95") == {("pixmix-net", "none")}
     assert bold("certified ε=0.1") == set()  # one value: nothing to compare
     assert any(h.startswith("ECE (%) ↓") for h in header) and any(h.startswith("clean acc. (%) ↑") for h in header)
-    certified = header.index("certified ε=0.1 (%) ↑")
+    certified = header.index("certified ε=0.1 (pixel units) (%) ↑")
     lo, hi = metrics.wilson_interval(8, 10)
     assert [r[certified] for r in rows] == ["—", "—", "—", f"80.0 [{100 * lo:.1f}, {100 * hi:.1f}]", "—", "—"]
     assert not any(h.startswith("PGD-40 ε=0.1") for h in header)  # no evaluation ran it: no empty column
@@ -219,7 +219,7 @@ def test_warnings_dent_threats_and_variants_are_named(built):
 
 def test_paired_tests_cover_each_defence_across_models_and_dent_against_none(built):
     header, rows = table((built / "summary.md").read_text(), 1)
-    assert header == ["A", "B", "attack", "ε", "A only", "B only", "p", "verdict"]
+    assert header == ["A", "B", "attack", "ε (pixel units)", "A only", "B only", "p", "verdict"]
     std, pix, pgd = "std-net (standard)", "pixmix-net (pixmix)", "pgd-net (pgd)"
     pairs = [(std, f"{std} + dent (BN)"), (std, pix), (std, pgd), (f"{std} + dent (BN)", f"{pgd} + dent (channel-affine, no BN)"), (pix, pgd),
              (pgd, f"{pgd} + dent (channel-affine, no BN)"), (pgd, f"{pgd} + dent-input (channel-affine, no BN)")]  # fmt: skip
@@ -403,7 +403,7 @@ def test_certify_assets_give_a_table_a_column_and_the_bounds_figure(certified, t
     summary = (out / "summary.md").read_text()
     assert "## Certified accuracy" in summary
     header, rows = table(summary, 1)
-    assert header == ["network", "dual ε=0.1 (%) ↑", "dual-opt ε=0.1 (%) ↑", "lp ε=0.1 (%) ↑"]
+    assert header == ["network", "dual ε=0.1 (pixel units) (%) ↑", "dual-opt ε=0.1 (pixel units) (%) ↑", "lp ε=0.1 (pixel units) (%) ↑"]
     raw = f"wk-small {certified['raw'][:8]}"  # no evaluation has its weights: arch and weights hash
     assert [r[0] for r in rows] == ["ibp-net (ibp)", raw]
     shown = {n: f"{100 * a:.1f} (n=4)" for n, a in accuracy.items()}
@@ -413,7 +413,7 @@ def test_certify_assets_give_a_table_a_column_and_the_bounds_figure(certified, t
     # The evaluated network's certificates also join the summary table, on its row without DENT.
     header, rows = table(summary)
     for method in ("dual", "dual-opt", "lp"):
-        assert rows[0][header.index(f"certified {method} ε=0.1 (%) ↑")] == f"{100 * accuracy[method]:.1f}"
+        assert rows[0][header.index(f"certified {method} ε=0.1 (pixel units) (%) ↑")] == f"{100 * accuracy[method]:.1f}"
     page = (out / "index.html").read_text()
     assert 'id="certified"' in page and shown["lp"] in page and raw in page
     png, svg = out / "certify_bounds.png", out / "certify_bounds.svg"

@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import PixgenError, assets, data
 from .families import families
-from .load import ATTACKS, EPS_TOL, Evaluation, defence_label, row_label, threats
+from .load import ATTACKS, EPS_TOL, Evaluation, defence_label, eps_text, row_label, threats
 from .load import rows as table_rows
 from .settings import ReportConfig
 
@@ -132,7 +132,7 @@ def accuracy_figure(evals: list[Evaluation], attack: str, config: ReportConfig, 
     ax.set_xlim(0, top)
     ax.set_ylim(0, 101)
     ax.set_xticks(np.linspace(0, top, int(round(top / 0.1)) + 1 if top <= 1 else 6))
-    ax.set_xlabel("L∞ budget ε (pixel units, images in [0, 1])")
+    ax.set_xlabel(f"L∞ budget {eps_text()}, images in [0, 1]")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"Test accuracy under {ATTACKS[attack]} against ε")
     ax.grid(alpha=0.3)
@@ -326,12 +326,14 @@ def adversarial_grid(evaluation: Evaluation, shown_eps, folder: Path, name: str)
             continue
         images, guesses = assets.read(group, f"examples_{attack}"), assets.read(group, f"examples_{attack}_predicted")
         truth = labels[: images.shape[1]]
-        for eps, row, guess in zip(evaluation.doc["defenses"]["none"][attack]["eps"], images, guesses):
+        entry = evaluation.doc["defenses"]["none"][attack]
+        factor = evaluation.doc.get("eps_to_pixel", 1.0)
+        for eps, stated, row, guess in zip(entry["eps"], entry.get("stated_eps", entry["eps"]), images, guesses):
             if not any(abs(eps - e) < EPS_TOL for e in shown_eps):
                 continue
             bad = guess != truth
             rows.append(row)
-            row_labels.append(f"{title} ε={eps:g}: {int((~bad).sum())}/{len(truth)} correct")
+            row_labels.append(f"{title} {eps_text(eps, stated, factor)}: {int((~bad).sum())}/{len(truth)} correct")
             wrong.append(bad.tolist())
             predicted.append(guess.tolist())
     if not rows:
@@ -373,7 +375,7 @@ def bounds_figure(panels: list, folder: Path) -> Path | None:
         top.set_ylabel("dual / dual-opt bound on the margin (logit units)")
         bottom.set_ylabel("LP − bound (logit units)")
         bottom.set_xlabel("LP bound on the margin (logit units)")
-        top.set_title(f"{network}, ε={lp.eps:g}: margin lower bounds against the LP\nover the (digit, wrong class) pairs of the digits in both assets", fontsize=10)
+        top.set_title(f"{network}, {eps_text(lp.eps)}: margin lower bounds against the LP\nover the (digit, wrong class) pairs of the digits in both assets", fontsize=10)
         top.legend(fontsize=8, loc="upper left")
     return _save(fig, folder, "certify_bounds")
 

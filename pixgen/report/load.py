@@ -18,7 +18,7 @@ from .. import PixgenError, assets
 ATTACKS = {"fgsm": "FGSM", "pgd": "PGD-40"}
 EPS_TOL = 1e-9
 # Keys of an attack entry that are not a threat's accuracies (each threat also has `<threat>_interval`).
-NOT_THREATS = ("eps", "count", "worst")
+NOT_THREATS = ("eps", "stated_eps", "count", "worst")
 # The order threats are listed in: the DENT paper's attack first, then the stronger ones. pixgen
 # evaluate stores them by name, so its order says nothing; a threat not named here goes last.
 THREAT_ORDER = ("standard", "transfer", "adaptive", "fixed-point", "eot")
@@ -64,6 +64,8 @@ def load_evaluations(paths) -> list[Evaluation]:
         doc = dict(assets.open_asset(path, stage="evaluate").attrs)
         _check(path, doc)
         label = f"{Path(doc['model']['path']).name} ({doc['model'].get('method')})"
+        if doc.get("eps_units", "pixel") != "pixel":  # the same network attacked at other budgets: another line
+            label += f" [ε in {doc['eps_units']} units]"
         seen[label] = seen.get(label, 0) + 1
         # The same model evaluated twice (other configs, other test sets) stays two lines.
         evals.append(Evaluation(path, label if seen[label] == 1 else f"{label} #{seen[label]}", doc))
@@ -95,6 +97,17 @@ def threats(entry: dict) -> list[str]:
     """The threats of an attack entry, in THREAT_ORDER."""
     found = [k for k in entry if k not in NOT_THREATS and not k.endswith("_interval")]
     return sorted(found, key=lambda t: THREAT_ORDER.index(t) if t in THREAT_ORDER else len(THREAT_ORDER))
+
+
+def eps_text(eps: float | None = None, stated: float | None = None, factor: float = 1.0) -> str:
+    """ε as the report writes it, units included. The report compares and plots pixel ε, the
+    budgets the attacks ran at (an attack entry's `eps`, whatever units its grid was stated in);
+    `stated` and `factor`: the ε as given in input units and the std that made it pixels."""
+    if eps is None:
+        return "ε (pixel units)"
+    if stated is None or factor == 1.0:
+        return f"ε={eps:g} (pixel units)"
+    return f"ε={eps:g} (pixel units; {stated:g} in input units × std {factor:g})"
 
 
 def eps_index(eps_list, eps: float) -> int | None:
@@ -169,13 +182,13 @@ class Certificate:
     asset_id: str
 
 
-def _certify_key(config: dict) -> str:
+def _certify_key(config: dict, eps: float) -> str:
     from ..certify import STEPS
 
     method = str(config.get("method"))
     steps = config.get("steps")
     name = f"{method} ({steps} steps)" if method == "dual-opt" and steps not in (None, STEPS) else method
-    return f"{name} ε={float(config['eps']):g}"
+    return f"{name} {eps_text(eps)}"
 
 
 def load_certificates(paths, evals: list[Evaluation]) -> list[Certificate]:
@@ -193,7 +206,9 @@ def load_certificates(paths, evals: list[Evaluation]) -> list[Certificate]:
         if not {"bounds", "indices"} <= set(group.array_keys()) or "eps" not in config or "certified_accuracy" not in attrs or not weights:
             raise PixgenError(f"{path} is a certify asset without its bounds, ε, certified accuracy or model hash; remake it with pixgen certify")
         network = by_hash.get(weights) or f"{attrs.get('model_arch', 'network')} {weights[:8]}"
-        out.append(Certificate(path, network, weights, str(config.get("method")), float(config["eps"]), _certify_key(config), int(attrs.get("count", group["bounds"].shape[0])), float(attrs["certified_accuracy"]), assets.asset_id(attrs)))
+        # pixel_eps: the ε certified, in pixels, whatever units --eps was given in (older assets: pixels).
+        eps = float(attrs.get("pixel_eps", config["eps"]))
+        out.append(Certificate(path, network, weights, str(config.get("method")), eps, _certify_key(config, eps), int(attrs.get("count", group["bounds"].shape[0])), float(attrs["certified_accuracy"]), assets.asset_id(attrs)))
     return out
 
 

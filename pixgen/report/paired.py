@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import metrics
 from .families import family_label, seed_of
-from .load import ATTACKS, Evaluation, attack_digits, eps_index, row_label, rows, worst_outcomes
+from .load import ATTACKS, Evaluation, attack_digits, eps_index, eps_text, row_label, rows, worst_outcomes
 from .settings import ReportConfig
 
 LEVEL = 0.05  # "ahead" only below this p-value
@@ -99,7 +99,7 @@ def _cells(c: Comparison) -> list[str]:
     return [c.a, c.b, ATTACKS[c.attack], f"{c.eps:g}", str(c.a_only), str(c.b_only), f"{c.p:.2g}", c.verdict]
 
 
-HEADER = ["A", "B", "attack", "ε", "A only", "B only", "p", "verdict"]
+HEADER = ["A", "B", "attack", eps_text(), "A only", "B only", "p", "verdict"]
 
 
 def paired_markdown(found: list[Comparison]) -> str:

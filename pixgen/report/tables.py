@@ -7,7 +7,7 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass
 
-from .load import ATTACKS, CERTIFY_METHODS, Certificate, Evaluation, chosen, defence_label, eps_index, keys, networks, rows, threats
+from .load import ATTACKS, CERTIFY_METHODS, Certificate, Evaluation, chosen, defence_label, eps_index, eps_text, keys, networks, rows, threats
 from .settings import ReportConfig
 
 
@@ -42,9 +42,9 @@ def columns(evals: list[Evaluation], config: ReportConfig) -> list[Column]:
     results = [ev.doc["defenses"][d] for ev, d in rows(evals)]
     specs = [("clean acc.", "max", 1, lambda r: (_get(r, "clean", "accuracy"), _get(r, "clean", "interval")))]
     for attack, name in ATTACKS.items():
-        specs += [(f"{name} ε={e:g}", "max", 1, lambda r, a=attack, e=e: (_at_eps(r.get(a), e), _at_eps(r.get(a), e, "worst_interval"))) for e in config.table_eps]
+        specs += [(f"{name} {eps_text(e)}", "max", 1, lambda r, a=attack, e=e: (_at_eps(r.get(a), e), _at_eps(r.get(a), e, "worst_interval"))) for e in config.table_eps]
     for e in sorted({e for r in results for e in (_get(r, "autoattack", "eps") or [])}):
-        specs.append((f"AutoAttack ε={e:g}", "max", 1, lambda r, e=e: (_at_eps(r.get("autoattack"), e), _at_eps(r.get("autoattack"), e, "worst_interval"))))
+        specs.append((f"AutoAttack {eps_text(e)}", "max", 1, lambda r, e=e: (_at_eps(r.get("autoattack"), e), _at_eps(r.get("autoattack"), e, "worst_interval"))))
     specs += [
         ("MNIST-C mean", "max", 1, lambda r: (_get(r, "corruptions", "mean"), None)),
         ("MNIST-C mean w/o affine", "max", 1, lambda r: (_get(r, "corruptions", "mean_without_affine"), None)),
@@ -65,7 +65,7 @@ def columns(evals: list[Evaluation], config: ReportConfig) -> list[Column]:
         ("flip rate", "min", 2, lambda r: (_get(r, "consistency", "flip_rate"), None)),
     ]
     for e in sorted({_get(r, "certify", "eps") for r in results} - {None}):
-        specs.append((f"certified ε={e:g}", "max", 1, lambda r, e=e: (_get(r, "certify", "accuracy"), _get(r, "certify", "interval")) if _get(r, "certify", "eps") == e else (None, None)))
+        specs.append((f"certified {eps_text(e)}", "max", 1, lambda r, e=e: (_get(r, "certify", "accuracy"), _get(r, "certify", "interval")) if _get(r, "certify", "eps") == e else (None, None)))
     out = []
     for header, better, decimals, get in specs:
         got = [get(r) for r in results]
@@ -137,6 +137,9 @@ def table_notes(evals: list[Evaluation], cols: list[Column]) -> list[str]:
             "A DENT defence names what it adapted: BN, the network's BatchNorm scales and shifts, as published; "
             "channel-affine, no BN: the BN-free generalisation, a channel-wise scale and shift after each convolution."
         )  # fmt: skip
+    stated = [f"{ev.label} (× std {ev.doc.get('eps_to_pixel'):g})" for ev in evals if ev.doc.get("eps_units") == "input"]
+    if stated:
+        notes.append("Every ε is in pixel units (images in [0, 1]). Attack grids given in input units (pixgen evaluate --eps-units input), shown at the pixel ε they ran at: " + "; ".join(stated) + ".")
     if any(c.header.startswith(tuple(f"certified {m} " for m in CERTIFY_METHODS)) for c in cols):
         notes.append(
             "certified <bound> ε: the --certify assets of the network (on its row without DENT; digit counts in the "
