@@ -278,7 +278,7 @@ def test_who_is_ahead_only_where_the_exact_mcnemar_test_says_so(paired):
 
 
 def test_figures_and_grids_are_written_as_png_and_svg(built):
-    names = ["fgsm_accuracy", "pgd_accuracy", "mnist_c", "calibration", "ood", "fractals_grid", "featvis_grid", "shards_grid", "mnist_c_grid", "adversarial_0", "adversarial_1", "adversarial_2"]
+    names = ["fgsm_accuracy", "pgd_accuracy", "mnist_c", "calibration", "ood", "fractals_grid", "featvis_grid", "shards_grid", "mnist_c_grid", "adversarial_0", "adversarial_1", "adversarial_2", "claim"]
     for name in names:
         png, svg = built / f"{name}.png", built / f"{name}.svg"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
@@ -301,7 +301,7 @@ def test_page_renders_in_headless_chromium(built):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     images = len(re.findall(r"<img ", proc.stdout))
-    assert images == 12
+    assert images == 13  # the figures, the grids and the claim's figure
     # Set by the page's own script once loaded: images whose naturalWidth > 0 / all images.
     assert f'data-images="{images}/{images}"' in proc.stdout
     assert "pgd-net (pgd)" in proc.stdout
@@ -452,7 +452,7 @@ def test_seeds_of_one_network_are_a_family_with_mean_and_spread(tmp_path):
     summary = (index.parent / "summary.md").read_text()
     header, rows = table(summary, 1)
     assert [r[0] for r in rows] == ["pixmix (pixmix) (seeds 0, 1, 2)", "std (standard) (seeds 0, 1)"]
-    fgsm = header.index("FGSM ε=0.1 (%)")
+    fgsm = next(i for i, h in enumerate(header) if h.startswith("FGSM ε=0.1 "))
     assert rows[0][fgsm] == "50.0 ± 10.0 [40.0, 60.0]" and rows[1][fgsm] == "25.0 ± 7.1 [20.0, 30.0]"
     _, compared = table(summary, 2)
     pairs_ = {(r[0], r[1]) for r in compared}

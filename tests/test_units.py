@@ -30,7 +30,7 @@ def tmp(tmp_path_factory):
 def half(tmp):
     """PixMix's normalisation (std 0.5, pixels to [−1, 1]), trained through the CLI."""
     out = tmp / "half"
-    args = ["train", "--normalize", "0.5,0.5", "--train-size", "2000", "--test-size", "200", "--batch-size", "32", "--epochs", "1", "--out", str(out)]
+    args = ["train", "--normalize", "0.5,0.5", "--train-size", "2000", "--val-size", "200", "--batch-size", "32", "--epochs", "1", "--out", str(out)]
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return out
@@ -48,7 +48,7 @@ def test_trained_normalisation_is_stored_and_restored(half, digits):
     assert meta["normalize"] == [0.5, 0.5] and meta["config"]["normalize"] == [0.5, 0.5]
     net, _ = models.load(half)
     assert isinstance(net[0], models.Normalize) and (float(net[0].mean), float(net[0].std)) == (0.5, 0.5)
-    assert meta["test_accuracy"] > 0.8  # it learnt through the layer
+    assert meta["val_accuracy"] > 0.8  # it learnt through the layer
     # Without the layer the same weights are another network: the stored pair matters.
     plain = models.build("wk-small")  # its layers sit one place earlier: no Normalize in front
     plain.load_state_dict({f"{int(index) - 1}.{name}": v for key, v in net.state_dict().items() for index, name in [key.split(".", 1)] if index != "0"})
