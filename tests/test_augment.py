@@ -52,6 +52,7 @@ def test_layout_labels_and_inputs(shards, fractals):
     group = assets.open_asset(shards, stage="augment")
     images, labels, indices = group["images"], group["labels"][:], group["indices"][:]
     assert images.shape == (2, 600, 28, 28) and images.dtype == np.uint8 and images.chunks == (1, 10, 28, 28)
+    assert [c.to_dict() for c in zarr.open_array(str(shards / "images"), mode="r").compressors] == [augment.COMPRESSOR.to_dict()]
     mnist_images, mnist_labels = data.load("mnist", "train")
     assert np.array_equal(indices, data.balanced_subset(mnist_labels, 600))
     assert np.array_equal(labels, mnist_labels[indices]), "PixMix must not change labels"
