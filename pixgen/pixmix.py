@@ -13,6 +13,7 @@ interpolation. `pil_augment` is that per-image PIL reference, for tests and the 
 from __future__ import annotations
 
 import functools
+import types as pytypes
 from dataclasses import dataclass
 
 import numba
@@ -463,5 +464,14 @@ def _pixmix_images(images, mixing, mixing_index, rounds, augmented, op, param, m
             result[p] = np.uint8(mixed[p] * np.float32(255) + _HALF)
 
 
-_pixmix_serial = numba.njit(cache=True, nogil=True, fastmath=_FAST)(_pixmix_images)
-_pixmix_parallel = numba.njit(cache=True, nogil=True, fastmath=_FAST, parallel=True)(_pixmix_images)
+def _named(func, name: str):
+    """`func` under another name. Numba files its cache by function name and signature, not by
+    options, so two dispatchers of one function load whichever was compiled first: the serial
+    kernel then ran on Numba's thread pool in every Dask task, two pools fighting for two cores."""
+    copy = pytypes.FunctionType(func.__code__.replace(co_name=name, co_qualname=name), func.__globals__, name)
+    copy.__qualname__ = name
+    return copy
+
+
+_pixmix_serial = numba.njit(cache=True, nogil=True, fastmath=_FAST)(_named(_pixmix_images, "_pixmix_serial"))
+_pixmix_parallel = numba.njit(cache=True, nogil=True, fastmath=_FAST, parallel=True)(_named(_pixmix_images, "_pixmix_parallel"))

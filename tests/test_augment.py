@@ -74,6 +74,30 @@ def test_a_chunk_is_pixmix_seeded_by_seed_epoch_chunk(shards, fractals):
     assert np.array_equal(_images(shards)[epoch, 70:80], expected)
 
 
+_KERNEL = """
+import sys, numba, numpy as np
+from pixgen import pixmix
+rng = np.random.default_rng(0)
+digits = rng.integers(0, 256, (8, 28, 28)).astype(np.uint8)
+pixmix.apply(digits, digits, pixmix.draw(rng, 8, 8), parallel=sys.argv[1] == "parallel")
+try:
+    print(numba.threading_layer())
+except ValueError:  # no parallel region ran
+    print("serial")
+"""
+
+
+def test_tasks_run_the_serial_kernel_whatever_numba_cached():
+    """Each task's PixMix stays on its thread, also when the parallel kernel was compiled and
+    cached first (Numba's cache once served one kernel's code for the other)."""
+
+    def layer(kind: str) -> str:
+        return subprocess.run([sys.executable, "-c", _KERNEL, kind], capture_output=True, text=True, check=True).stdout.strip()
+
+    assert layer("parallel") != "serial"
+    assert layer("serial") == "serial"
+
+
 def test_same_bytes_with_two_workers(shards, fractals, tmp):
     two = augment.run(CONFIG, [fractals], tmp / "two.zarr", workers=2)
     assert np.array_equal(_images(two), _images(shards))
