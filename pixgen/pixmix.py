@@ -347,10 +347,10 @@ def _augment_batch(images, op, param, taps_index, taps_weight, out):
 
 
 # The mixing loops below vectorise only without table lookups, branches or calls to libm (no SIMD
-# log/exp without SVML): measured, a lookup of y/255 made `add` 2.6x slower, and the libm calls and
-# a lookup of log(2y) made `multiply` 14x slower. So gray levels are converted in the loop, and log
-# and exp are float32 polynomials (Cephes' logf and expf, within 2.5e-7 relative), made of
-# arithmetic and bit casts that vectorise.
+# log/exp without SVML): on 4,000 random 28x28 pictures, a lookup of y/255 made `add` 2.6x slower,
+# and the libm calls and a lookup of log(2y) made `multiply` 14x slower. So gray levels are
+# converted in the loop, and log and exp are float32 polynomials (Cephes' logf and expf, within
+# 2.5e-7 relative), made of arithmetic and bit casts that vectorise.
 
 
 @intrinsic
