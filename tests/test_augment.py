@@ -52,6 +52,7 @@ def test_layout_labels_and_inputs(shards, fractals):
     group = assets.open_asset(shards, stage="augment")
     images, labels, indices = group["images"], group["labels"][:], group["indices"][:]
     assert images.shape == (2, 600, 28, 28) and images.dtype == np.uint8 and images.chunks == (1, 10, 28, 28)
+    assert [c.to_dict() for c in zarr.open_array(str(shards / "images"), mode="r").compressors] == [augment.COMPRESSOR.to_dict()]
     mnist_images, mnist_labels = data.load("mnist", "train")
     assert np.array_equal(indices, data.balanced_subset(mnist_labels, 600))
     assert np.array_equal(labels, mnist_labels[indices]), "PixMix must not change labels"
@@ -71,6 +72,30 @@ def test_a_chunk_is_pixmix_seeded_by_seed_epoch_chunk(shards, fractals):
     rng = np.random.default_rng(np.random.SeedSequence([CONFIG.seed, epoch, chunk]))
     expected = pixmix.apply(digits, mixing, pixmix.draw(rng, 10, len(mixing), k=4, beta=3.0, severity=3.0))
     assert np.array_equal(_images(shards)[epoch, 70:80], expected)
+
+
+_KERNEL = """
+import sys, numba, numpy as np
+from pixgen import pixmix
+rng = np.random.default_rng(0)
+digits = rng.integers(0, 256, (8, 28, 28)).astype(np.uint8)
+pixmix.apply(digits, digits, pixmix.draw(rng, 8, 8), parallel=sys.argv[1] == "parallel")
+try:
+    print(numba.threading_layer())
+except ValueError:  # no parallel region ran
+    print("serial")
+"""
+
+
+def test_tasks_run_the_serial_kernel_whatever_numba_cached():
+    """Each task's PixMix stays on its thread, also when the parallel kernel was compiled and
+    cached first (Numba's cache once served one kernel's code for the other)."""
+
+    def layer(kind: str) -> str:
+        return subprocess.run([sys.executable, "-c", _KERNEL, kind], capture_output=True, text=True, check=True).stdout.strip()
+
+    assert layer("parallel") != "serial"
+    assert layer("serial") == "serial"
 
 
 def test_same_bytes_with_two_workers(shards, fractals, tmp):
