@@ -251,12 +251,22 @@ def contents(root: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["jobs-2", "cluster"])
-def test_the_smoke_pipeline_in_parallel_gives_what_a_serial_run_gives(smoke, tmp_path, how, request):
-    """--jobs 2 on this machine, or --scheduler on a local cluster of 2 worker processes: two
-    stages at a time, the same outputs, keys and resumes as the serial run."""
-    extra = ["--jobs", "2"] if how == "jobs-2" else ["--scheduler", request.getfixturevalue("cluster_address")]
-    root = tmp_path / how
+def test_jobs_2_gives_what_a_serial_run_gives(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(MATRIX))
+    serial = pixgen("run", path, "--root", tmp_path / "serial")
+    parallel = pixgen("run", path, "--root", tmp_path / "parallel", "--jobs", "2")
+    assert sorted(ran(serial)) == sorted(ran(parallel)) and len(ran(parallel)) == 7
+    assert contents(tmp_path / "serial") == contents(tmp_path / "parallel") != {}
+    assert ran(pixgen("run", path, "--root", tmp_path / "parallel", "--jobs", "2")) == []
+
+
+@pytest.mark.slow
+def test_the_smoke_pipeline_on_a_cluster_gives_what_a_serial_run_gives(smoke, tmp_path, cluster_address):
+    """--scheduler on a local cluster of 2 worker processes, --jobs 2: two stages at a time, each a
+    process on a worker; the same outputs, keys and resumes as the serial run."""
+    root = tmp_path / "cluster"
+    extra = ["--scheduler", cluster_address, "--jobs", "2"]
     parallel = pixgen("run", SMOKE, "--root", root, *extra)
     assert sorted(ran(parallel)) == sorted(ran(smoke[1])) and len(ran(parallel)) > 20
     assert contents(root) == contents(smoke[0]) != {}
