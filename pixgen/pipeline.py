@@ -286,9 +286,9 @@ def run(path: str | Path, root: str | Path, data_root: str | None = None, dry_ru
             todo.append(stage)
     if dry_run:
         return root
+    client = _connect(scheduler) if scheduler else None
     root.mkdir(parents=True, exist_ok=True)
     record = threading.Lock()
-    client = _connect(scheduler) if scheduler else None
     if jobs is None:
         jobs = sum(client.nthreads().values()) if client else 1
 
@@ -349,7 +349,7 @@ def _connect(address: str):
     from distributed import Client
 
     try:
-        return Client(address, timeout=30)
+        return Client(address, timeout=10)
     except (OSError, TimeoutError, ValueError) as exc:
         raise PixgenError(f"cannot reach the Dask scheduler at {address!r} ({type(exc).__name__}: {exc}); start one (dask scheduler, then dask worker ADDRESS on machines that see the same files) or drop --scheduler") from None
 

@@ -39,7 +39,7 @@ CASES = {
     "fractals: out under a file": (["fractals", "--count", "8", "--chunk", "8", "--points", "2000", "--out", "{world}/file/f.zarr"], "cannot"),
     "augment: missing mixing set": (["augment", "--mixing", "{tmp}/none.zarr", "--out", "{tmp}/s.zarr"], "does not exist"),
     "augment: damaged mixing chunk": (["augment", "--mixing", "{world}/damaged.zarr", "--train-size", "100", "--chunk", "100", "--workers", "1", "--out", "{tmp}/s.zarr"], "is damaged: its array 'images' cannot be read"),
-    "augment: train size beyond the data": (["augment", "--mixing", "{world}/mixing.zarr", "--train-size", "1000000", "--out", "{tmp}/s.zarr"], "the split has 60000"),
+    "augment: train size beyond the data": (["augment", "--mixing", "{world}/mixing.zarr", "--train-size", "1000000", "--out", "{tmp}/s.zarr"], "the split has 55000"),
     "augment: too many workers": (["augment", "--mixing", "{world}/mixing.zarr", "--workers", "999", "--out", "{tmp}/s.zarr"], "--workers"),
     "augment: unknown dataset": (["augment", "--mixing", "{world}/mixing.zarr", "--dataset", "cifar", "--out", "{tmp}/s.zarr"], "'cifar' is not one of"),
     "train: eps above 1": (["train", "--method", "pgd", "--eps", "2", "--out", "{tmp}/m"], "2.0 is not in the range 0<=x<=1"),
@@ -48,7 +48,8 @@ CASES = {
     "train: normalize with a negative std": (["train", "--normalize", "0.5,-0.5", "--out", "{tmp}/m"], "got 0.5,-0.5"),
     "train: normalize with nan": (["train", "--normalize", "nan,0.5", "--out", "{tmp}/m"], "two finite numbers"),
     "train: normalize not numbers": (["train", "--normalize", "mean,std", "--out", "{tmp}/m"], "expected MEAN,STD, two numbers"),
-    "train: train size beyond the data": (["train", "--train-size", "1000000", "--out", "{tmp}/m"], "the split has 60000"),
+    "train: train size beyond the data": (["train", "--train-size", "1000000", "--out", "{tmp}/m"], "the split has 55000"),
+    "train: val size beyond the validation digits": (["train", "--val-size", "6000", "--out", "{tmp}/m"], "the split has 5000"),
     "train: out is a file": (["train", "--train-size", "100", "--val-size", "100", "--out", "{world}/file"], "is a file"),
     "corrupt: count beyond the data": (["corrupt", "--count", "1000000", "--out", "{tmp}/c.zarr"], "exceeds the 10000 mnist test images"),
     "featvis: damaged weights": (["featvis", "--model", "{world}/broken-model", "--out", "{tmp}/v.zarr"], "is damaged: its state_dict.pt cannot be loaded"),
@@ -70,6 +71,7 @@ CASES = {
     "grid: damaged chunk": (["grid", "{world}/damaged.zarr", "--out", "{tmp}/g.png"], "is damaged: its array 'images' cannot be read"),
     "grid: no such array": (["grid", "{world}/mixing.zarr", "--array", "labels", "--out", "{tmp}/g.png"], "has no array 'labels'"),
     "run: missing pipeline": (["run", "{tmp}/none.yaml"], "cannot read pipeline"),
+    "run: no scheduler at the address": (["run", str(Path(__file__).parents[1] / "pipelines" / "smoke.yaml"), "--root", "{tmp}/run", "--scheduler", "tcp://127.0.0.1:9"], "cannot reach the Dask scheduler at 'tcp://127.0.0.1:9'"),
 }
 
 
