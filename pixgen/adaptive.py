@@ -152,7 +152,8 @@ def placements(dent: Dent, adv, pool, draws, per_batch, generator, differentiabl
             group, clean = group.to(adv.device), pool[fill.to(pool.device)]
             with torch.set_grad_enabled(differentiable):
                 batch = torch.cat([adv[group], clean])
-                logits = dent.predict(batch, dent.adapt(batch, differentiable))[: len(group)]
+                params = dent.adapt(batch, differentiable, tracked=len(group))[: len(group)]
+                logits = dent.predict(batch[: len(group)], params)
             yield group, logits
 
 

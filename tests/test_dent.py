@@ -149,6 +149,21 @@ def test_differentiable_mode_same_outputs_and_no_gradient_between_digits(nets, d
         assert not torch.allclose(grad[i], through_prediction[i])
 
 
+@pytest.mark.parametrize("defence", DEFENSES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tracking_a_few_digits_gives_the_same_bytes_and_gradients(nets, digits, arch, defence):
+    """EOT's path (the adversarial digits in the graph, their clean batch-mates not) against the
+    whole batch in the graph, as before: the same logits and the same input gradients, to the byte."""
+    dent = Dent(nets[arch], DEFENSES[defence])
+    x, y = digits[0][:40].clone().requires_grad_(), digits[1][:8]
+    whole = dent.predict(x, dent.adapt(x, differentiable=True))[:8]
+    tracked = dent.predict(x[:8], dent.adapt(x, differentiable=True, tracked=8)[:8])
+    assert torch.equal(whole, tracked)
+    (expected,) = torch.autograd.grad(nn.functional.cross_entropy(whole, y), x)
+    (got,) = torch.autograd.grad(nn.functional.cross_entropy(tracked, y), x)
+    assert torch.equal(got, expected) and got[:8].abs().sum() > 0 and torch.count_nonzero(got[8:]) == 0
+
+
 def test_predictions_depend_on_the_batch_and_are_made_in_its_size(nets, digits):
     dent = Dent(nets["wk-small-bn"])
     x = digits[0]
