@@ -218,14 +218,21 @@ def _correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> np
     return (model(images).argmax(1) == labels).cpu().numpy()
 
 
+def fgsm_grid(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps_list) -> list[torch.Tensor]:
+    """FGSM's adversarial batch at every ε of eps_list (the bytes `build("fgsm", …)` gives at each),
+    from the one gradient at the images they share: an ε grid costs one gradient, not one per ε.
+    Also for DENT, whose gradient at the clean batch does not depend on ε either."""
+    direction = fgsm_direction(model, images, labels)
+    return [images if eps == 0 else signed_step(images, direction, eps) for eps in eps_list]
+
+
 def fgsm_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list, batch_size: int = 250) -> np.ndarray:
-    """(E, N) bool: digit n correct under FGSM at eps_list[e]; the gradient at x is the same for
-    every ε, so each batch costs one gradient and E forward passes."""
+    """(E, N) bool: digit n correct under FGSM at eps_list[e]; each batch costs one gradient and
+    E forward passes (`fgsm_grid`)."""
     correct = np.zeros((len(eps_list), len(y)), bool)
     for s in _spans(len(y), batch_size):
-        direction = fgsm_direction(model, x[s], y[s])
-        for e, eps in enumerate(eps_list):
-            correct[e, s] = _correct(model, x[s] if eps == 0 else signed_step(x[s], direction, eps), y[s])
+        for e, adversarial in enumerate(fgsm_grid(model, x[s], y[s], eps_list)):
+            correct[e, s] = _correct(model, adversarial, y[s])
     return correct
 
 

@@ -203,6 +203,8 @@ def test_fgsm_sweep_equals_fgsm_per_eps(net, digits):
         separate = np.concatenate([correct(net, attacks.build("fgsm", net, eps)(x[s], y[s]), y[s]) for s in (slice(0, 40), slice(40, 80), slice(80, 100))])
         np.testing.assert_array_equal(swept[e], separate)
     assert swept[0].mean() > swept[2].mean() > swept[3].mean()
+    for eps, adversarial in zip(eps_list, attacks.fgsm_grid(net, x, y, eps_list)):
+        assert adversarial.numpy().tobytes() == attacks.build("fgsm", net, eps)(x, y).numpy().tobytes()
 
 
 def test_robust_correct_is_monotone_and_attacks_only_survivors(net, digits, monkeypatch):
