@@ -20,6 +20,14 @@ defended network: the lowest margin (true logit minus the largest other; below 0
 for `eot_batches` the fewest correct placements, then the lowest mean margin. Points chosen from
 different iterates form a batch no iterate was judged in; callers evaluate DENT on the returned
 batch, as on any other. Randomness (starts, placements) comes from a generator seeded by `seed`.
+
+Unlike pixgen.attacks' PGD, no attack here drops a digit once it is broken: DENT adapts every
+digit to its batch (the diversity term's mean prediction), so a smaller batch changes the others'
+adaptation, margins and gradients; a broken digit's best point keeps improving, which changes the
+batch the caller judges; and the PGD on the static network (transfer, fixed point) must run every
+digit to the end, since breaking the static network is not breaking DENT. What is cut instead is
+work no result depends on: EOT keeps only its adversarial digits in the graph (Dent.adapt's
+`tracked`) and predicts only them.
 """
 
 from __future__ import annotations
@@ -152,7 +160,8 @@ def placements(dent: Dent, adv, pool, draws, per_batch, generator, differentiabl
             group, clean = group.to(adv.device), pool[fill.to(pool.device)]
             with torch.set_grad_enabled(differentiable):
                 batch = torch.cat([adv[group], clean])
-                logits = dent.predict(batch, dent.adapt(batch, differentiable))[: len(group)]
+                params = dent.adapt(batch, differentiable, tracked=len(group))[: len(group)]
+                logits = dent.predict(batch[: len(group)], params)
             yield group, logits
 
 

@@ -105,15 +105,22 @@ class Dent(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.predict(x, self.adapt(x, self.differentiable))
 
-    def adapt(self, x: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
+    def adapt(self, x: torch.Tensor, differentiable: bool = False, tracked: int | None = None) -> torch.Tensor:
         """The (batch, P) per-sample parameters after `steps` steps of adaptation to batch x;
-        differentiable: as functions of x (the unrolled steps kept in the graph), else detached."""
-        source = x if differentiable else x.detach()
+        differentiable: as functions of x (the unrolled steps kept in the graph), else detached.
+        tracked (with differentiable): only the first `tracked` digits stay in the graph, the others
+        adapt detached, with the same values (a digit's graph never reaches another's, see `shot`):
+        EOT needs the gradient of a few adversarial digits among many clean ones, and the graph of
+        the clean ones would cost most of its backward pass for nothing."""
+        tracked = len(x) if tracked is None else tracked
+        blocks = [(x[:tracked], True), (x[tracked:].detach(), False)] if differentiable else [(x.detach(), False)]
+        blocks = [(part, graph) for part, graph in blocks if len(part)]
         with torch.enable_grad():  # adapt even when called under no_grad, as in evaluation
-            params = self.start.expand(len(x), -1).clone().requires_grad_()
-            state = None
+            params = [self.start.expand(len(part), -1).clone().requires_grad_() for part, _ in blocks]
+            states = [None] * len(blocks)
             for step in range(1, self.config.steps + 1):
-                params, state = forward_and_adapt(self, source, params, state, step, differentiable)
+                params, states = forward_and_adapt(self, blocks, params, states, step)
+        params = params[0] if len(params) == 1 else torch.cat(params)
         return params if differentiable else params.detach()
 
     def predict(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
@@ -132,19 +139,28 @@ class Dent(nn.Module):
         return self
 
 
-def forward_and_adapt(dent: Dent, x: torch.Tensor, params: torch.Tensor, state, step: int, differentiable: bool) -> tuple[torch.Tensor, tuple]:
-    """One adaptation step: predict, measure the loss, step every per-sample parameter."""
+def forward_and_adapt(dent: Dent, blocks: list[tuple[torch.Tensor, bool]], params: list[torch.Tensor], states: list, step: int) -> tuple[list, list]:
+    """One adaptation step of a batch given as consecutive blocks of digits (x, kept in the graph
+    or not) with their (rows, P) parameters: predict, measure the loss on the whole batch, step
+    every per-sample parameter."""
     config = dent.config
-    loss = LOSS_FUNCTIONS[config.loss](dent.predict(x, params))
-    (grad,) = torch.autograd.grad(loss, params, create_graph=differentiable)
-    with torch.set_grad_enabled(differentiable):
-        if config.optimizer == "adamod":
-            params, state = adamod_step(params, grad, state, step, config.lr, config.betas, config.beta3)
-        else:
-            params, state = adam_step(params, grad, state, step, config.lr, config.betas)
-        if config.adapt_input:
-            params = params.clamp(dent.lower, dent.upper)
-    return (params if differentiable else params.requires_grad_()), state
+    outputs = [dent.predict(x, p) for (x, _), p in zip(blocks, params)]
+    loss = LOSS_FUNCTIONS[config.loss](outputs[0] if len(outputs) == 1 else torch.cat(outputs))
+    # A block kept in the graph needs the loss's graph after the others' gradients are taken.
+    keep = any(graph for _, graph in blocks)
+    grads = [torch.autograd.grad(loss, p, create_graph=graph, retain_graph=keep)[0] for (_, graph), p in zip(blocks, params)]
+    new_params, new_states = [], []
+    for (_, graph), p, grad, state in zip(blocks, params, grads, states):
+        with torch.set_grad_enabled(graph):
+            if config.optimizer == "adamod":
+                p, state = adamod_step(p, grad, state, step, config.lr, config.betas, config.beta3)
+            else:
+                p, state = adam_step(p, grad, state, step, config.lr, config.betas)
+            if config.adapt_input:
+                p = p.clamp(dent.lower, dent.upper)
+        new_params.append(p if graph else p.requires_grad_())
+        new_states.append(state)
+    return new_params, new_states
 
 
 def predict_in_batches(dent: Dent, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
@@ -294,10 +310,40 @@ def configure_model(model: nn.Module) -> nn.Sequential:
         if isinstance(layer, nn.modules.batchnorm._BatchNorm):
             configured.append(StaticBatchNorm(layer))
         else:
-            configured.append(layer)
+            single = isinstance(layer, nn.Conv2d) and layer.in_channels == 1 and layer.groups == 1 and layer.padding_mode == "zeros"
+            configured.append(ImageConv(layer) if single else layer)
             if isinstance(layer, nn.Conv2d) and not has_bn:
                 configured.append(ChannelAffine(layer.out_channels))
     return nn.Sequential(*configured).eval().requires_grad_(False)
+
+
+class ImageConv(nn.Module):
+    """A frozen convolution of a one-channel image, computed as before, whose gradient in the image
+    is a matrix product and a col2im (F.fold): oneDNN's backward-data for one input channel took
+    4-5× longer (wk-small's first conv 2.3 against 0.5 ms a batch of 128, madry-cnn's 28 against
+    7 ms). Only `dent-input` and the attacks through DENT need that gradient."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        return _ImageConvFunction.apply(x, self.conv)
+
+
+class _ImageConvFunction(torch.autograd.Function):
+    # The backward is made of differentiable ops, so an attack through the unrolled adaptation
+    # (create_graph) differentiates it again; the weights are frozen, so only x gets a gradient.
+    @staticmethod
+    def forward(ctx, x, conv):
+        ctx.conv, ctx.size = conv, x.shape[-2:]
+        return conv(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        conv = ctx.conv
+        columns = conv.weight.flatten(1).t() @ grad.flatten(2)
+        return F.fold(columns, ctx.size, conv.kernel_size, conv.dilation, conv.padding, conv.stride), None
 
 
 def _flatten(module: nn.Module) -> list[nn.Module]:

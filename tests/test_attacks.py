@@ -117,7 +117,7 @@ def test_pgd_restarts_only_add_broken_digits(net, digits):
     sizes = []
     counting = torch.nn.Sequential(net)
     counting.register_forward_hook(lambda module, inputs, output: sizes.append(len(inputs[0])))
-    attacks.build("pgd", counting, EPS, steps=5, restarts=2)(x, y)
+    attacks.build("pgd", counting, EPS, steps=5, restarts=2, compact=False)(x, y)
     # the clean check, six passes of the first start on the clean-correct digits, six of the second
     # on those the first left correct (its stream is the one-restart run's)
     assert sizes == [len(y)] + [int(correct(net, x, y).sum())] * 6 + [int(one.sum())] * 6
@@ -144,7 +144,7 @@ def test_pgd_keeps_the_first_breaking_or_else_the_highest_loss_iterate(net, digi
     keep = correct(net, x, y)
     x, y = x[keep], y[keep]  # all clean-correct: every pass sees the whole batch
     recorder = Recorder(net, y, flip=5)
-    adversarial = attacks.build("pgd", recorder, 0.05, steps=10)(x, y)
+    adversarial = attacks.build("pgd", recorder, 0.05, steps=10, compact=False)(x, y)  # every pass whole
     points, logits = zip(*recorder.seen[1:])  # after the clean check: the start and ten steps
     assert len(points) == 11
     wrong = torch.stack([z.argmax(1) != y for z in logits])
@@ -154,6 +154,31 @@ def test_pgd_keeps_the_first_breaking_or_else_the_highest_loss_iterate(net, digi
     assert torch.equal(adversarial, expected)
     assert (chosen[::2] == 4).any() and (chosen[1::2] == 10).any()  # flipped; last of 10 steps
     assert wrong.any(0).sum() > wrong[-1].sum()  # broken only by an earlier iterate
+
+
+@pytest.mark.parametrize("eps, loss", [(0.05, "ce"), (EPS, "ce"), (0.3, "dlr")])
+def test_pgd_dropping_broken_digits_changes_no_byte(net, digits, eps, loss):
+    x, y = digits
+    counting = torch.nn.Sequential(net)
+    counting.register_forward_hook(lambda module, inputs, output: sizes.append(len(inputs[0])))
+    sizes = []
+    reference = attacks.build("pgd", counting, eps, seed=2, restarts=3, steps=20, loss=loss, compact=False)(x, y)
+    whole, sizes = sizes, []
+    dropped = attacks.build("pgd", counting, eps, seed=2, restarts=3, steps=20, loss=loss)(x, y)
+    assert dropped.numpy().tobytes() == reference.numpy().tobytes()
+    assert sum(sizes) < sum(whole) and sizes[1] == whole[1]  # the first restart starts whole, then digits leave
+
+
+def test_pgd_keeps_a_batch_adaptive_networks_batch_whole_within_a_restart(net, digits):
+    from pixgen.dent import Dent, DentConfig
+
+    x, y = digits[0][:24], digits[1][:24]
+    dent = Dent(net, DentConfig(steps=1, batch_size=24))
+    sizes = []
+    dent.register_forward_hook(lambda module, inputs, output: sizes.append(len(inputs[0])))
+    attacks.build("pgd", dent, 0.2, steps=4)(x, y)
+    assert attacks.batch_adaptive(dent) and not attacks.batch_adaptive(net)
+    assert len(set(sizes[1:])) == 1 and len(sizes) == 6  # the clean check, then five passes of one batch
 
 
 def test_dlr_loss(net, digits):
@@ -178,6 +203,8 @@ def test_fgsm_sweep_equals_fgsm_per_eps(net, digits):
         separate = np.concatenate([correct(net, attacks.build("fgsm", net, eps)(x[s], y[s]), y[s]) for s in (slice(0, 40), slice(40, 80), slice(80, 100))])
         np.testing.assert_array_equal(swept[e], separate)
     assert swept[0].mean() > swept[2].mean() > swept[3].mean()
+    for eps, adversarial in zip(eps_list, attacks.fgsm_grid(net, x, y, eps_list)):
+        assert adversarial.numpy().tobytes() == attacks.build("fgsm", net, eps)(x, y).numpy().tobytes()
 
 
 def test_robust_correct_is_monotone_and_attacks_only_survivors(net, digits, monkeypatch):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pixgen import data, models
-from pixgen.dent import DEFENSES, VARIANTS, Dent, DentConfig, adam_step, adamod_step, blur, entropy, predict_in_batches, shot, warp
+from pixgen.dent import DEFENSES, VARIANTS, Dent, DentConfig, ImageConv, adam_step, adamod_step, blur, entropy, predict_in_batches, shot, warp
 from pixgen.methods import TrainConfig
 from pixgen.train import run
 
@@ -149,6 +149,21 @@ def test_differentiable_mode_same_outputs_and_no_gradient_between_digits(nets, d
         assert not torch.allclose(grad[i], through_prediction[i])
 
 
+@pytest.mark.parametrize("defence", DEFENSES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tracking_a_few_digits_gives_the_same_bytes_and_gradients(nets, digits, arch, defence):
+    """EOT's path (the adversarial digits in the graph, their clean batch-mates not) against the
+    whole batch in the graph, as before: the same logits and the same input gradients, to the byte."""
+    dent = Dent(nets[arch], DEFENSES[defence])
+    x, y = digits[0][:40].clone().requires_grad_(), digits[1][:8]
+    whole = dent.predict(x, dent.adapt(x, differentiable=True))[:8]
+    tracked = dent.predict(x[:8], dent.adapt(x, differentiable=True, tracked=8)[:8])
+    assert torch.equal(whole, tracked)
+    (expected,) = torch.autograd.grad(nn.functional.cross_entropy(whole, y), x)
+    (got,) = torch.autograd.grad(nn.functional.cross_entropy(tracked, y), x)
+    assert torch.equal(got, expected) and got[:8].abs().sum() > 0 and torch.count_nonzero(got[8:]) == 0
+
+
 def test_predictions_depend_on_the_batch_and_are_made_in_its_size(nets, digits):
     dent = Dent(nets["wk-small-bn"])
     x = digits[0]
@@ -219,3 +234,24 @@ def test_optimizer_steps_match_the_packages(name):
                 new, state = adam_step(ours, grad, state, step, 6e-3, (0.99, 0.999))
         ours = new.requires_grad_()
     torch.testing.assert_close(ours.detach(), reference.detach(), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["wk-small", "madry-cnn"])
+def test_image_convolution_has_the_convolutions_values_and_gradients(digits, arch):
+    """The first convolution's own input gradient (and its derivative, which attacks through the
+    adaptation take) equals autograd's through the Conv2d, to rounding; its values are the same bytes."""
+    conv = models.build(arch)[0].requires_grad_(False)
+    ours = ImageConv(conv)
+    x = digits[0][:16].clone().requires_grad_()
+    weights = torch.randn(16, conv.out_channels, 1, 1, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for layer in (conv, ours):
+        out = layer(x)
+        (grad,) = torch.autograd.grad((weights * out).tanh().sum(), x, create_graph=True)
+        (second,) = torch.autograd.grad(grad.square().sum(), x)
+        grads.append((out, grad, second))
+    assert torch.equal(grads[0][0], grads[1][0])
+    for reference, got in zip(grads[0][1:], grads[1][1:]):
+        scale = reference.abs().max()
+        assert scale > 0 and (got - reference).abs().max() <= 1e-5 * scale, float((got - reference).abs().max() / scale)
+    assert isinstance(Dent(models.build(arch)).model[0], ImageConv) and not isinstance(Dent(models.build(arch)).model[3], ImageConv)
