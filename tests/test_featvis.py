@@ -37,15 +37,15 @@ def channel_activations(model, layer: int, images: np.ndarray) -> torch.Tensor:
 
 def test_every_image_drives_its_channel(model_dir, small_asset):
     model, _ = models.load(model_dir)
-    digits = data.load("mnist", "test")[0]
+    digits = data.load("mnist", "validation")[0]
     group = assets.open_asset(small_asset, "featvis")
     images, layers, channels = group["images"][:], group["layer"][:].astype(int), group["channel"][:].astype(int)
     ratio = np.empty(len(images))
     for layer in np.unique(layers):
-        test_mean = channel_activations(model, layer, digits).mean(0)
+        val_mean = channel_activations(model, layer, digits).mean(0)
         rows = np.flatnonzero(layers == layer)
         own = channel_activations(model, layer, images[rows])[np.arange(len(rows)), channels[rows]]
-        ratio[rows] = (own / test_mean[channels[rows]]).numpy()
+        ratio[rows] = (own / val_mean[channels[rows]]).numpy()
     # The hair of slack is float32 rounding between featvis's forward pass and this one.
     assert (ratio >= featvis.FeatvisConfig.min_ratio * (1 - 1e-5)).all(), np.round(np.sort(ratio), 2)
     np.testing.assert_allclose(group["ratio"][:], ratio, rtol=1e-5)
