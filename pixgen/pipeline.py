@@ -35,6 +35,7 @@ from .config import config_hash
 from .stages import STAGES
 
 STATE = "pipeline.json"
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 RESERVED = {"out", "force", "data-root", "help"}  # the pipeline sets these itself
 
 
@@ -273,6 +274,9 @@ def run(path: str | Path, root: str | Path, data_root: str | None = None, dry_ru
     # PIXGEN_DATA_ROOT, whatever the environment of the cluster worker it lands on.
     data_root = data_root or os.environ.get("PIXGEN_DATA_ROOT")
     env = {"PIXGEN_DATA_ROOT": str(Path(data_root).absolute())} if data_root else {}
+    # And with this run's thread counts (None: unset, as here): Dask sets OMP_NUM_THREADS=1 in its
+    # workers, and torch rounds differently with other thread counts, so the bytes would differ.
+    env |= {name: os.environ.get(name) for name in THREAD_VARIABLES}
     started = time.perf_counter()
     heads = {s.name: f"[{i}/{len(stages)}] {s.name} ({s.command})" for i, s in enumerate(stages, 1)}
     done, todo = set(), []
@@ -339,10 +343,13 @@ def run(path: str | Path, root: str | Path, data_root: str | None = None, dry_ru
     return root
 
 
-def run_stage(args: list[str], env: dict[str, str]) -> int:
+def run_stage(args: list[str], env: dict[str, str | None]) -> int:
     """One stage's command as a process of its own, on this machine or on a cluster worker (with
-    that worker's environment, plus `env`); its exit code."""
-    return subprocess.run([sys.executable, "-m", "pixgen", *args], env={**os.environ, **env}, preexec_fn=_die_with_parent).returncode
+    that worker's environment, updated by `env`, where None removes a variable); its exit code."""
+    environ = {**os.environ, **{k: v for k, v in env.items() if v is not None}}
+    for name in [k for k, v in env.items() if v is None]:
+        environ.pop(name, None)
+    return subprocess.run([sys.executable, "-m", "pixgen", *args], env=environ, preexec_fn=_die_with_parent).returncode
 
 
 def _connect(address: str):
