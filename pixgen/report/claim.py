@@ -98,28 +98,37 @@ def crossing(eps: np.ndarray, diff: np.ndarray) -> float | None:
     return float(eps[k - 1] + (eps[k] - eps[k - 1]) * (-d0) / (d1 - d0))
 
 
-def _pooled(pairs, at: float) -> tuple[np.ndarray, np.ndarray] | None:
-    """PixMix's and the robust network's per-digit outcomes at ε, concatenated over seed pairs
-    attacked on the same digits; None if no pair was or ε is not in both grids."""
-    a, b = [], []
+def _paired_outcomes(pairs) -> list[tuple[Evaluation, Evaluation, np.ndarray, np.ndarray]]:
+    """(PixMix, robust, their per-digit outcomes (E, M)) of the seed pairs attacked on the same
+    digits, each asset read once for every ε the tests look at."""
+    out = []
     for p, r in pairs:
         dp, dr = attack_digits(p), attack_digits(r)
         op, orr = worst_outcomes(p, "none", ATTACK), worst_outcomes(r, "none", ATTACK)
+        if dp is not None and dr is not None and np.array_equal(dp, dr) and op is not None and orr is not None:
+            out.append((p, r, op, orr))
+    return out
+
+
+def _pooled(paired, at: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """PixMix's and the robust network's outcomes at ε, concatenated over the seed pairs; None if
+    no pair was attacked on the same digits or ε is not in both grids."""
+    a, b = [], []
+    for p, r, op, orr in paired:
         ip, ir = eps_index(list(stated_curve(p)[0]), at), eps_index(list(stated_curve(r)[0]), at)
-        if dp is None or dr is None or not np.array_equal(dp, dr) or op is None or orr is None or ip is None or ir is None:
-            continue
-        a.append(op[ip])
-        b.append(orr[ir])
+        if ip is not None and ir is not None:
+            a.append(op[ip])
+            b.append(orr[ir])
     return (np.concatenate(a), np.concatenate(b)) if a else None
 
 
-def _ahead(pairs, grid: np.ndarray) -> Test:
+def _ahead(paired, grid: np.ndarray) -> Test:
     points = [e for e in grid if e > FROM + EPS_TOL]
     if not points:
         return Test(None, None, None, f"no ε above {FROM:g} evaluated")
     worst = (None, -1.0)
     for e in points:
-        pooled = _pooled(pairs, e)
+        pooled = _pooled(paired, e)
         if pooled is None:
             return Test(None, None, e, "no seed pair attacked on the same digits")
         a_only, b_only, p = metrics.mcnemar(*pooled)
@@ -131,9 +140,9 @@ def _ahead(pairs, grid: np.ndarray) -> Test:
     return Test(held, p, e, f"PixMix ahead at every ε > {FROM:g} (weakest at ε {e:g})" if held else f"not significantly ahead at ε {e:g}")
 
 
-def _large(pairs, grid: np.ndarray) -> Test:
+def _large(paired, grid: np.ndarray) -> Test:
     e = float(grid[-1])
-    pooled = _pooled(pairs, e)
+    pooled = _pooled(paired, e)
     if pooled is None:
         return Test(None, None, e, "no seed pair attacked on the same digits")
     a, b = pooled
@@ -157,6 +166,7 @@ def rows(evals: list[Evaluation]) -> list[Row]:
             if not pairs or any(len(g) != len(grids[0]) or not np.allclose(g, grids[0], atol=EPS_TOL) for g in grids):
                 continue  # no pair, or grids that do not line up: nothing to compare ε by ε
             grid = grids[0]
+            paired = _paired_outcomes(pairs)
             crossings = [crossing(grid, stated_curve(p)[1] - stated_curve(r)[1]) for p, r in pairs]
 
             def at(members, e):
@@ -165,7 +175,7 @@ def rows(evals: list[Evaluation]) -> list[Row]:
             out.append(Row(
                 pixmix, robust, units(pixmix.members[0]), len(pairs), spread(c for c in crossings if c is not None), crossings.count(None),
                 {e: at(pixmix.members, e) for e in LARGE}, {e: at(robust.members, e) for e in LARGE},
-                _ahead(pairs, grid), _large(pairs, grid),
+                _ahead(paired, grid), _large(paired, grid),
             ))  # fmt: skip
     return out
 
