@@ -9,7 +9,7 @@
    as evaluate). Where this round changed the cost, the old path runs beside it in the same process
    and a line `name: ours X, baseline Y, ratio R×` follows: PGD with broken digits leaving the
    batch within a restart (`compact`) against keeping them; FGSM's ε grid from one shared gradient
-   (`attacks.fgsm_sweep`) against one gradient per ε (what evaluate does now).
+   (`attacks.fgsm_sweep`, as evaluate runs it) against one gradient per ε.
 2. `evaluate <defences>`: the wall and CPU time of a whole evaluation of the network (clean suite,
    the default FGSM and PGD grids) on the digits, and its CPU time scaled to 1,000 attack digits
    (the default attack set; the attack work is linear in the digits while DENT's batch, 128, is
@@ -56,7 +56,7 @@ def setup(folder: Path, digits: int, defences: tuple[str, ...]) -> evaluate.Setu
     attack = (evaluate.to_tensor(images[attack_index], "cpu"), torch.as_tensor(labels[attack_index]), attack_index)
     networks = {"none": static, **{d: Dent(static, DEFENSES[d]).eval() for d in defences if d != "none"}}
     test = (images[test_index], labels[test_index], test_index)
-    return evaluate.Setup(config, static, meta, networks, "mnist", test, attack, None, [], None, None, torch.device("cpu"))
+    return evaluate.Setup(config, static, meta, networks, "mnist", test, attack, None, [], None, None, torch.device("cpu"), 1.0)
 
 
 def threat_costs(s: evaluate.Setup) -> None:
@@ -66,7 +66,7 @@ def threat_costs(s: evaluate.Setup) -> None:
         network = s.networks[defence]
         for threat, make in evaluate.threats(s, defence, attack).items():
             for eps in eps_list:
-                ms, adversarial = cpu_ms(lambda: make(x, y, eps, 0))
+                ms, [adversarial] = cpu_ms(lambda: list(make(x, y, (eps,), 0)))
                 judge, _ = cpu_ms(lambda: network(adversarial))
                 accuracy = float((network(adversarial).argmax(1) == y).float().mean())
                 print(f"{defence} {attack} {threat} ε {eps}: {(ms + judge) / n:.1f} ms per digit (accuracy {accuracy:.0%}, {n} digits)")
@@ -80,7 +80,7 @@ def threat_costs(s: evaluate.Setup) -> None:
     base, each = cpu_ms(lambda: np.stack([(s.static(attacks.build("fgsm", s.static, e)(x, y)).argmax(1) == y).numpy() for e in grid]))
     assert np.array_equal(swept, each)
     per = n * len(grid)
-    print(f"fgsm per ε ({len(grid)} ε, one shared gradient): ours {ours / per:.3f} ms/digit, baseline {base / per:.3f} ms/digit (a gradient per ε, as evaluate), ratio {base / ours:.2f}×")
+    print(f"fgsm per ε ({len(grid)} ε, one shared gradient): ours {ours / per:.3f} ms/digit, baseline {base / per:.3f} ms/digit (a gradient per ε), ratio {base / ours:.2f}×")
 
 
 def evaluation_time(folder: Path, digits: int, defences: tuple[str, ...], out: Path) -> None:
@@ -95,7 +95,7 @@ def evaluation_time(folder: Path, digits: int, defences: tuple[str, ...], out: P
 if __name__ == "__main__":
     digits = int(sys.argv[1]) if len(sys.argv) > 1 else 64
     with tempfile.TemporaryDirectory() as tmp:
-        folder = train(TrainConfig(arch="wk-small", epochs=5, batch_size=32, train_size=2000, test_size=200), Path(tmp) / "wk-small")
+        folder = train(TrainConfig(arch="wk-small", epochs=5, batch_size=32, train_size=2000, val_size=200), Path(tmp) / "wk-small")
         threat_costs(setup(folder, digits, ("none", "dent")))
         evaluation_time(folder, digits, ("none",), Path(tmp) / "none.zarr")
         evaluation_time(folder, digits, ("none", "dent"), Path(tmp) / "dent.zarr")

@@ -129,11 +129,19 @@ def probabilities(model: nn.Module, images, batch_size: int, device) -> np.ndarr
 
 
 def threats(setup: "Setup", defence: str, attack: str) -> dict[str, Callable]:
-    """{threat: make(x, y, eps, batch) -> adversarial x} for one defence and attack."""
+    """{threat: make(x, y, eps_list, batch) -> the adversarial x at each ε of eps_list} for one
+    defence and attack."""
     static, seed = setup.static, setup.config.seed
 
+    def at_each(make):
+        return lambda x, y, eps_list, b: (x if eps == 0 else make(x, y, eps, b) for eps in eps_list)
+
     def on(model, **params):
-        return lambda x, y, eps, batch: attacks.build(attack, model, eps, seed=seed, batch=batch, **params)(x, y)
+        if attack == "fgsm":
+            # FGSM's gradient is taken at the clean batch, which no ε changes (DENT's adaptation
+            # included): one gradient gives every ε of the grid, the same bytes as one per ε.
+            return lambda x, y, eps_list, b: attacks.fgsm_grid(model, x, y, eps_list)
+        return at_each(lambda x, y, eps, b: attacks.build(attack, model, eps, seed=seed, batch=b, **params)(x, y))
 
     # PGD's restarts are the one attack parameter an evaluation sets (the study reports ≥ 5).
     params = {"restarts": setup.config.pgd_restarts} if attack == "pgd" else {}
@@ -143,9 +151,9 @@ def threats(setup: "Setup", defence: str, attack: str) -> dict[str, Callable]:
     out = {"standard": on(dent, **params), "transfer": on(static, **params)}
     if attack == "pgd":
         steps = setup.config.adaptive_steps
-        out["adaptive"] = lambda x, y, eps, b: adaptive.adaptive_pgd(dent, x, y, eps, attacks.stream_seed(seed, "adaptive", eps, b), steps=steps, restarts=setup.config.pgd_restarts)
-        out["fixed-point"] = lambda x, y, eps, b: adaptive.fixed_point(dent, x, y, eps, attacks.stream_seed(seed, "fixed-point", eps, b), steps=steps)
-        out["eot"] = lambda x, y, eps, b: adaptive.eot_batches(dent, x, y, eps, attacks.stream_seed(seed, "eot", eps, b), pool=setup.pool, steps=steps)
+        out["adaptive"] = at_each(lambda x, y, eps, b: adaptive.adaptive_pgd(dent, x, y, eps, attacks.stream_seed(seed, "adaptive", eps, b), steps=steps, restarts=setup.config.pgd_restarts))
+        out["fixed-point"] = at_each(lambda x, y, eps, b: adaptive.fixed_point(dent, x, y, eps, attacks.stream_seed(seed, "fixed-point", eps, b), steps=steps))
+        out["eot"] = at_each(lambda x, y, eps, b: adaptive.eot_batches(dent, x, y, eps, attacks.stream_seed(seed, "eot", eps, b), pool=setup.pool, steps=steps))
     return out
 
 
@@ -160,10 +168,9 @@ def attack_unit(setup: "Setup", defence: str, attack: str) -> assets.Writes:
     shown = min(EXAMPLES, len(y))
     examples = np.zeros((len(eps_list), shown, *x.shape[2:]), np.uint8)
     predicted = np.zeros((len(eps_list), shown), np.int16)
-    for i, eps in enumerate(eps_list):
-        for b, s in enumerate(setup.batches(defence)):
-            for threat, make in made.items():
-                adversarial = make(x[s], y[s], eps, b) if eps > 0 else x[s]
+    for b, s in enumerate(setup.batches(defence)):
+        for threat, make in made.items():
+            for i, adversarial in enumerate(make(x[s], y[s], eps_list, b)):
                 with torch.no_grad():
                     guess = network(adversarial).argmax(1)
                 correct[threat][i, s] = (guess == y[s]).cpu().numpy()

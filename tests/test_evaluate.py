@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,10 +17,11 @@ from click.testing import CliRunner
 from conftest import pixgen
 from pixgen import PixgenError, assets, attacks, bounds, corruptions, data, evaluate, models
 from pixgen.cli import cli
-from pixgen.dent import DentConfig
+from pixgen.dent import DEFENSES as DENT_DEFENSES
+from pixgen.dent import Dent, DentConfig
 from test_dent import trained
 
-SMALL = dict(test_size=60, attack_size=24, batch_size=50, attacks=(("fgsm", (0.0, 0.1)), ("pgd", (0.1,))), pgd_restarts=2, adaptive_steps=2)
+SMALL = dict(test_size=60, attack_size=24, batch_size=50, attacks=(("fgsm", (0.0, 0.05, 0.1)), ("pgd", (0.1,))), pgd_restarts=2, adaptive_steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +40,12 @@ def digits():
 
 
 def accuracy(model, x, y) -> float:
+    return float(accuracy_mask(model, x, y).mean())
+
+
+def accuracy_mask(model, x, y) -> np.ndarray:
     with torch.no_grad():
-        return int((model(x).argmax(1) == y).sum()) / len(y)
+        return (model(x).argmax(1) == y).numpy()
 
 
 def test_fgsm_at_zero_is_clean(folder, digits):
@@ -85,7 +91,7 @@ def test_a_tiny_run_stores_per_digit_outcomes_and_results_computed_from_them(tin
     group = assets.open_asset(path, stage="evaluate")
     result = group.attrs["defenses"]
     none, dent = result["none"], result["dent"]
-    assert none["fgsm"]["eps"] == [0.0, 0.1] and {"standard", "worst"} <= set(none["fgsm"])
+    assert none["fgsm"]["eps"] == [0.0, 0.05, 0.1] and {"standard", "worst"} <= set(none["fgsm"])
     assert {"standard", "transfer", "worst"} <= set(dent["fgsm"])
     assert {"standard", "transfer", "adaptive", "fixed-point", "eot", "worst"} <= set(dent["pgd"])
     assert group.attrs["model"]["dent_variants"] == {"dent": "channel-affine (BN-free generalisation)"}
@@ -99,8 +105,8 @@ def test_a_tiny_run_stores_per_digit_outcomes_and_results_computed_from_them(tin
     probs = group["none_probs"][:]
     by_index = dict(zip(group["indices"][:].tolist(), probs.argmax(1) == group["labels"][:]))
     assert none["fgsm"]["standard"][0] == np.mean([by_index[i] for i in attack_digits])
-    lo, hi = none["fgsm"]["standard_interval"][1]
-    assert lo <= none["fgsm"]["standard"][1] <= hi and 0 < hi - lo < 0.5
+    lo, hi = none["fgsm"]["standard_interval"][2]
+    assert lo <= none["fgsm"]["standard"][2] <= hi and 0 < hi - lo < 0.5
     for defense in (none, dent):
         assert set(defense["ood"]) == set(evaluate.ood_names("mnist"))
         assert 0 <= defense["ood"]["bernoulli"]["aupr_1to5"] <= 1
@@ -112,6 +118,30 @@ def test_a_tiny_run_stores_per_digit_outcomes_and_results_computed_from_them(tin
     assert none["certify"]["eps"] == 0.01 and none["certify"]["count"] == 5 and "certify" not in dent
     assert group.attrs["warnings"] == []
     assert group["examples_pgd"].shape == (1, 12, 28, 28)
+
+
+def test_fgsm_outcomes_from_the_shared_gradient_are_those_of_one_attack_per_eps(tiny):
+    """evaluate takes FGSM's whole ε grid from one gradient per batch; each stored outcome must be
+    what attacking at that ε alone gives, through DENT too (its gradient is the clean batch's)."""
+    config, dual, _, path = tiny
+    group = assets.open_asset(path, stage="evaluate")
+    static, _ = models.load(dual)
+    static.requires_grad_(False)
+    dent = Dent(static, replace(config.dent, adapt_input=DENT_DEFENSES["dent"].adapt_input)).eval()
+    images, labels = data.load("mnist", "test")
+    index = group["attack_indices"][:]
+    x, y = evaluate.to_tensor(images[index], "cpu"), torch.from_numpy(labels[index])
+    grid = config.eps("fgsm")
+    for stored, network, attacked, size in (("none_fgsm_standard", static, static, config.batch_size),
+                                             ("dent_fgsm_standard", dent, dent, config.dent.batch_size),
+                                             ("dent_fgsm_transfer", dent, static, config.dent.batch_size)):  # fmt: skip
+        alone = np.zeros((len(grid), len(y)), bool)
+        for i, eps in enumerate(grid):
+            for s in range(0, len(y), size):
+                xs, ys = x[s : s + size], y[s : s + size]
+                alone[i, s : s + size] = accuracy_mask(network, attacks.build("fgsm", attacked, eps)(xs, ys), ys)
+        np.testing.assert_array_equal(group[stored][:], alone, err_msg=stored)
+    assert len(set(group["none_fgsm_standard"][:].sum(1).tolist())) > 1  # the grid's ε differ in effect
 
 
 def test_a_rerun_is_a_no_op_and_another_config_needs_force(tiny):
