@@ -25,8 +25,9 @@ data: install
 	$(PIXGEN) featvis --model "$${PIXGEN_HOME:-data}/models/featvis-wk-small" --out "$${PIXGEN_HOME:-data}/mixing/featvis.zarr"
 
 # The whole study on full MNIST (pipelines/mnist.yaml), cached stage by stage under data/mnist/.
+# Two stages at a time, one thread each (2 cores).
 experiment: install
-	$(PIXGEN) run pipelines/mnist.yaml
+	OMP_NUM_THREADS=1 $(PIXGEN) run pipelines/mnist.yaml --jobs 2
 
 # The claim's grid of conditions (pipelines/claim.yaml) in make experiment's root, so the stages
 # both files name alike run once; two stages at a time, one thread each.

@@ -8,10 +8,10 @@ Adding an attack is one builder `f(model, eps, stream, **params) -> atk` and one
 - pgd: `steps` (40) signed-gradient steps of ε/4 (BACKGROUND's MNIST setting: 8 steps cross the
   ball, 32 refine) from a uniform random start in the ε-ball, projected onto the ball ∩ [0, 1];
   `loss` "ce" (cross-entropy) or "dlr" (Croce & Hein 2020's difference of logits ratio, invariant
-  to the logits' scale, so a saturated softmax does not hide the gradient); `restarts` (1) random
-  starts. Each digit keeps its best point: the first iterate of any restart that the network
-  misclassifies (the clean image counts, as it lies in every ball), else the highest-loss iterate
-  seen. Restarts after the first run only on the digits still correct, and within a restart a
+  to the logits' scale, so a saturated softmax does not hide the gradient), or several losses in
+  turn; `restarts` (1) random starts per loss. Each digit keeps its best point: the first iterate
+  of any restart that the network misclassifies (the clean image counts, as it lies in every
+  ball), else the highest-loss iterate seen under the last loss. Restarts after the first run only on the digits still correct, and within a restart a
   digit leaves the batch once broken (`compact`; never on a batch-adaptive network such as DENT,
   whose prediction of a digit depends on its batch-mates). A network that classifies each digit
   on its own gives every digit the same iterates either way, so the outcome is the same bytes.
@@ -127,14 +127,17 @@ def batch_adaptive(model: nn.Module) -> bool:
     return any(isinstance(m, Dent) for m in model.modules())
 
 
-def pgd(model: nn.Module, eps: float, stream: int, steps: int = PGD_STEPS, restarts: int = 1, loss: str = "ce", compact: bool = True):
-    """compact=False keeps broken digits in the batch to the end of the restart (the reference path
-    the tests and benchmarks compare the compacted one with)."""
-    if loss not in LOSSES:
-        raise PixgenError(f"unknown PGD loss {loss!r}; choose one of {', '.join(LOSSES)}")
+def pgd(model: nn.Module, eps: float, stream: int, steps: int = PGD_STEPS, restarts: int = 1, loss: str | tuple[str, ...] = "ce", compact: bool = True):
+    """loss: a name of LOSSES, or several, each run for `restarts` restarts in turn; compact=False
+    keeps broken digits in the batch to the end of the restart (the reference path the tests and
+    benchmarks compare the compacted one with)."""
+    loss_names = (loss,) if isinstance(loss, str) else tuple(loss)
+    unknown = [name for name in loss_names if name not in LOSSES]
+    if unknown or not loss_names:
+        raise PixgenError(f"unknown PGD loss {(unknown or ['(none)'])[0]!r}; choose from {', '.join(LOSSES)}")
     if steps < 1 or restarts < 1:
         raise PixgenError(f"PGD needs steps >= 1 and restarts >= 1, got {steps}, {restarts}")
-    loss_fn, step_size = LOSSES[loss], eps / 4
+    step_size = eps / 4
     compact = compact and not batch_adaptive(model)
 
     def attack(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -142,8 +145,10 @@ def pgd(model: nn.Module, eps: float, stream: int, steps: int = PGD_STEPS, resta
         best = x.clone()
         with torch.no_grad():
             broken = model(x).argmax(1) != labels
-        best_loss = torch.full((len(x),), -torch.inf, device=x.device)
-        for restart in range(restarts):
+        for restart in range(restarts * len(loss_names)):
+            loss_fn = LOSSES[loss_names[restart // restarts]]
+            if restart % restarts == 0:  # losses differ in scale: a digit's best is judged by one
+                best_loss = torch.full((len(x),), -torch.inf, device=x.device)
             active = (~broken).nonzero()[:, 0]
             if len(active) == 0:
                 break

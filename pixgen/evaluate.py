@@ -65,6 +65,7 @@ class EvalConfig:
     attacks: tuple[tuple[str, tuple[float, ...]], ...] = (("fgsm", grid(0.5, 0.02)), ("pgd", grid(0.5, 0.1)))
     defenses: tuple[str, ...] = ("none",)
     pgd_restarts: int = 5
+    pgd_losses: tuple[str, ...] = ("ce", "dlr")  # each run for pgd_restarts restarts, in turn
     test_size: int | None = None
     attack_size: int | None = None
     batch_size: int = 250  # the static network's batches; DENT uses its own
@@ -78,6 +79,9 @@ class EvalConfig:
     def __post_init__(self):
         # JSON gives lists back; the config must stay hashable and compare equal to the one made.
         object.__setattr__(self, "attacks", tuple((name, tuple(eps)) for name, eps in self.attacks))
+        object.__setattr__(self, "pgd_losses", tuple(self.pgd_losses))
+        if not self.pgd_losses or any(n not in attacks.LOSSES for n in self.pgd_losses) or len(set(self.pgd_losses)) != len(self.pgd_losses):
+            raise PixgenError(f"PGD losses must be distinct names from {', '.join(attacks.LOSSES)}, got {', '.join(self.pgd_losses) or '(none)'}")
         unknown = [s for s in self.suites if s not in SUITES]
         if unknown:
             raise PixgenError(f"unknown suite {', '.join(unknown)}; choose from {', '.join(SUITES)}")
@@ -143,8 +147,9 @@ def threats(setup: "Setup", defence: str, attack: str) -> dict[str, Callable]:
             return lambda x, y, eps_list, b: attacks.fgsm_grid(model, x, y, eps_list)
         return at_each(lambda x, y, eps, b: attacks.build(attack, model, eps, seed=seed, batch=b, **params)(x, y))
 
-    # PGD's restarts are the one attack parameter an evaluation sets (the study reports ≥ 5).
-    params = {"restarts": setup.config.pgd_restarts} if attack == "pgd" else {}
+    # PGD's restarts and losses are the attack parameters an evaluation sets (the study reports
+    # ≥ 5 restarts, with cross-entropy and a margin loss).
+    params = {"restarts": setup.config.pgd_restarts, "loss": setup.config.pgd_losses} if attack == "pgd" else {}
     if defence == "none":
         return {"standard": on(static, **params)}
     dent = setup.networks[defence]

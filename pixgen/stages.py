@@ -27,6 +27,7 @@ from .dent import LOSSES as DENT_LOSSES
 from .dent import OPTIMIZERS as DENT_OPTIMIZERS
 from .dent import DentConfig
 from .attacks import ATTACKS
+from .attacks import LOSSES as PGD_LOSSES
 from .evaluate import ATTACK_SIZE, SUITES, EvalConfig
 from .featvis import FeatvisConfig
 from .fractals import FractalConfig
@@ -261,6 +262,7 @@ class AttackGrid(click.ParamType):
 @click.option("--test-size", type=click.IntRange(1), default=EvalConfig.test_size, help="Digits of the suites without attacks: a fixed class-balanced subset of the test split. Default: all of it.")
 @click.option("--attack-size", type=click.IntRange(1), default=EvalConfig.attack_size, help=f"Digits attacked: a fixed class-balanced subset of the test digits. Default: {ATTACK_SIZE}, or all the test digits if fewer.")
 @click.option("--pgd-restarts", type=click.IntRange(1), default=EvalConfig.pgd_restarts, help="PGD random starts (40 steps of ε/4, best iterate per digit); later ones attack only the digits still correct.")
+@click.option("--pgd-loss", "pgd_losses", default=",".join(EvalConfig.pgd_losses), help=f"Comma-separated PGD losses, each run for --pgd-restarts starts in turn: {', '.join(PGD_LOSSES)} (cross-entropy; Croce & Hein's difference-of-logits-ratio margin loss).")
 @click.option("--dent-steps", type=click.IntRange(1), default=DentConfig.steps, help="DENT adaptation steps per batch.")
 @click.option("--dent-lr", type=click.FloatRange(0, min_open=True), default=DentConfig.lr, help="DENT learning rate.")
 @click.option("--dent-optimizer", type=click.Choice(DENT_OPTIMIZERS), default=DentConfig.optimizer, help="DENT optimiser.")
@@ -274,7 +276,7 @@ class AttackGrid(click.ParamType):
 @click.option("--out", type=click.Path(), default=None, help="Evaluation asset to write. Default: <root>/eval/<model folder name>.zarr.")
 @click.option("--force", is_flag=True, help="Replace an evaluation made with another config or inputs.")
 @click.pass_context
-def evaluate(ctx, model_dir, defenses, suites, attack_grids, corrupt, dent_steps, dent_lr, dent_optimizer, dent_loss, dent_batch_size, data_root, out, force, **options):
+def evaluate(ctx, model_dir, defenses, suites, attack_grids, pgd_losses, corrupt, dent_steps, dent_lr, dent_optimizer, dent_loss, dent_batch_size, data_root, out, force, **options):
     """Evaluate a network: clean, FGSM/PGD/AutoAttack, corruptions, calibration, OOD detection, consistency, certificate; ± DENT."""
     from .evaluate import run
 
@@ -283,7 +285,7 @@ def evaluate(ctx, model_dir, defenses, suites, attack_grids, corrupt, dent_steps
     dent = DentConfig(steps=dent_steps, lr=dent_lr, optimizer=dent_optimizer, loss=dent_loss, batch_size=dent_batch_size)
     config = EvalConfig(
         suites=tuple(s for s in _names(suites) if s != "none"), attacks=tuple(a for a in attack_grids if a[0] != "none"),
-        defenses=_names(defenses), dent=dent, **options,
+        defenses=_names(defenses), dent=dent, pgd_losses=_names(pgd_losses), **options,
     )  # fmt: skip
     click.echo(f"output: {run(config, model_dir, out or home() / 'eval' / f'{Path(model_dir).name}.zarr', corrupt, data_root, force)}")
 

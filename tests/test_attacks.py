@@ -194,6 +194,22 @@ def test_dlr_loss(net, digits):
     assert dlr < correct(net, attacks.build("fgsm", net, EPS)(x, y), y).mean()
 
 
+def test_pgd_with_two_losses_runs_the_first_losses_restarts_then_the_seconds_on_the_survivors(net, digits):
+    x, y = digits
+    sizes = []
+    counting = torch.nn.Sequential(net)
+    counting.register_forward_hook(lambda module, inputs, output: sizes.append(len(inputs[0])))
+    ce = correct(net, attacks.build("pgd", net, EPS, steps=5, restarts=2)(x, y), y)
+    both = correct(net, attacks.build("pgd", counting, EPS, steps=5, restarts=2, loss=("ce", "dlr"), compact=False)(x, y), y)
+    assert not (both & ~ce).any()  # the CE restarts are the CE-only run's, then DLR can only add
+    # the clean check, two CE restarts of six passes, then DLR's first restart on CE's survivors
+    assert len(sizes) == 1 + 4 * 6 and sizes[13] == int(ce.sum())
+    dlr = correct(net, attacks.build("pgd", net, EPS, steps=5, restarts=2, loss="dlr")(x, y), y)
+    assert (both == ce & dlr).mean() > 0.9  # about the per-digit AND of the two (DLR here starts elsewhere)
+    with pytest.raises(PixgenError, match="unknown PGD loss 'cw'"):
+        attacks.build("pgd", net, EPS, loss=("ce", "cw"))
+
+
 def test_fgsm_sweep_equals_fgsm_per_eps(net, digits):
     x, y = digits
     eps_list = [0.0, 0.05, EPS, 0.2]

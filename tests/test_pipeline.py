@@ -136,10 +136,12 @@ def test_cli_bad_pipeline_exits_non_zero_with_one_line(tmp_path):
     assert missing.returncode == 1 and "cannot read pipeline" in missing.stderr
 
 
-@pytest.mark.parametrize("name", ["smoke", "smoke-fashion", "mnist", "paper"])
+@pytest.mark.parametrize("name", ["smoke", "smoke-fashion", "mnist", "paper", "claim"])
 def test_shipped_pipelines_are_valid(name):
     stages = pipeline.load(REPO / "pipelines" / f"{name}.yaml")
-    assert stages[-1].name == "report"
+    assert stages[-1].command == "report"
+    reported = {name for s in stages if s.command == "report" for name in s.inputs["eval"]}
+    assert {s.name for s in stages if s.command == "evaluate"} <= reported  # no evaluation left out of every report
     assert len({s.key for s in stages}) == len(stages)
 
 
