@@ -83,6 +83,12 @@ def stated_curve(ev: Evaluation) -> tuple[np.ndarray, np.ndarray] | None:
     return None if not entry else (np.asarray(entry.get("stated_eps", entry["eps"]), float), np.asarray(entry["worst"], float))
 
 
+def mean_curve(family: Family) -> tuple[np.ndarray, np.ndarray]:
+    """(stated ε, accuracy averaged over the family's seeds), its members on one grid (as `rows` keeps them)."""
+    curves = [stated_curve(ev) for ev in family.members]
+    return curves[0][0], np.mean([accuracy for _, accuracy in curves], axis=0)
+
+
 def crossing(eps: np.ndarray, diff: np.ndarray) -> float | None:
     """The ε from which diff (PixMix − robust) stays > 0 to the end of the grid, interpolated
     linearly inside the step where it turns positive; the grid's first ε if it is positive

@@ -61,6 +61,20 @@ def _mean_curve(members, defence: str, attack: str):
     return np.asarray(entries[0]["eps"]), worst.mean(0), (worst.min(0), worst.max(0))
 
 
+def _line_style(defended: list[str], defence: str) -> tuple[str, str]:
+    """(line style, marker) of a defence's curves: solid with dots without one, LINES per DENT defence."""
+    style = "-o" if defence == "none" else LINES[defended.index(defence) % len(LINES)]
+    return style[:-1], style[-1]
+
+
+def _defence_legend(defended: list[str], defence: str, entry: dict):
+    from matplotlib.lines import Line2D
+
+    ls, marker = _line_style(defended, defence)
+    label = "no defence" if defence == "none" else f"{defence}, worst of {', '.join(threats(entry))}"
+    return Line2D([], [], color="k", ls=ls, marker=marker, ms=4, label=label)
+
+
 def accuracy_figure(evals: list[Evaluation], attack: str, config: ReportConfig, folder: Path) -> Path | None:
     """Accuracy against ε, one colour per model: solid without defence, dashed (dotted) the worst
     case of its first (second) DENT defence, dash-dot DENT's standard attack alone; each worst case
@@ -91,18 +105,17 @@ def accuracy_figure(evals: list[Evaluation], attack: str, config: ReportConfig, 
                     continue
                 eps, worst = np.asarray(entry["eps"]), 100 * np.asarray(entry["worst"])
                 top = max(top, float(eps.max()))
-                style = "-o" if defence == "none" else LINES[defended.index(defence) % len(LINES)]
+                ls, marker = _line_style(defended, defence)
                 if several:
-                    ax.plot(eps, worst, style[:-1] if len(style) > 2 else style[0], color=color, lw=0.8, alpha=0.35)
+                    ax.plot(eps, worst, ls=ls, color=color, lw=0.8, alpha=0.35)
                     styles["seed"] = Line2D([], [], color="k", lw=0.8, alpha=0.35, label="one seed of a family")
                     continue
-                ax.plot(eps, worst, style, color=color, ms=4, lw=1.8)
+                ax.plot(eps, worst, ls=ls, marker=marker, color=color, ms=4, lw=1.8)
                 if "worst_interval" in entry:
                     band = 100 * np.asarray(entry["worst_interval"])
                     ax.fill_between(eps, band[:, 0], band[:, 1], color=color, alpha=0.12, lw=0)
                     styles["band"] = Patch(color="k", alpha=0.12, lw=0, label="95% interval of the worst case")
-                label = "no defence" if defence == "none" else f"{defence}, worst of {', '.join(threats(entry))}"
-                styles.setdefault(defence, Line2D([], [], color="k", ls=style[:-1] if len(style) > 2 else style[0], marker=style[-1], ms=4, label=label))
+                styles.setdefault(defence, _defence_legend(defended, defence, entry))
                 if defence != "none" and config.dent_standard and "standard" in entry:
                     ax.plot(eps, 100 * np.asarray(entry["standard"]), "-.", color=color, lw=1.0, alpha=0.6)
                     styles["standard"] = Line2D([], [], color="k", ls="-.", lw=1.0, alpha=0.6, label="DENT, standard attack only")
@@ -114,12 +127,11 @@ def accuracy_figure(evals: list[Evaluation], attack: str, config: ReportConfig, 
                 if curve is None:
                     continue
                 eps, mean, (lo, hi) = curve
-                style = "-o" if defence == "none" else LINES[defended.index(defence) % len(LINES)]
-                ax.plot(eps, mean, style, color=colors[first.label], ms=4, lw=2.2)
+                ls, marker = _line_style(defended, defence)
+                ax.plot(eps, mean, ls=ls, marker=marker, color=colors[first.label], ms=4, lw=2.2)
                 ax.fill_between(eps, lo, hi, color=colors[first.label], alpha=0.12, lw=0, hatch="..")
                 styles["seeds"] = Patch(facecolor="none", edgecolor="k", hatch="..", lw=0, label="a family's mean (bold) and range over its seeds")
-                label = "no defence" if defence == "none" else f"{defence}, worst of {', '.join(threats(first.doc['defenses'][defence][attack]))}"
-                styles.setdefault(defence, Line2D([], [], color="k", ls=style[:-1] if len(style) > 2 else style[0], marker=style[-1], ms=4, label=label))
+                styles.setdefault(defence, _defence_legend(defended, defence, first.doc["defenses"][defence][attack]))
         for ev in family.members[:1]:
             eps = ev.doc["model"].get("eps") if ev.doc["model"].get("method") in ROBUST_METHODS else None
             if eps is not None:
@@ -342,8 +354,6 @@ def adversarial_grid(evaluation: Evaluation, shown_eps, folder: Path, name: str)
     return grid_figure(rows, row_labels, heading, len(rows[0]), folder, name, wrong, predicted)
 
 
-
-
 def bounds_figure(panels: list, folder: Path) -> Path | None:
     """Per (network, ε) with an lp asset and a dual and/or dual-opt one: their bounds against the
     LP's over the common (digit, wrong class) pairs, the diagonal y = x, and below, LP − bound."""
@@ -380,14 +390,13 @@ def bounds_figure(panels: list, folder: Path) -> Path | None:
     return _save(fig, folder, "certify_bounds")
 
 
-
 def claim_figure(found, folder: Path) -> Path | None:
     """The claim's conditions side by side, a panel per PixMix network (its seeds faint, their
     mean bold) with the robust networks it meets (their means), FGSM, no defence; a dotted
     horizontal line at 20% and a shaded band above ε 0.24, where the claim puts PixMix ahead."""
     from matplotlib.lines import Line2D
 
-    from .claim import FLOOR, FROM, stated_curve, units
+    from .claim import FLOOR, FROM, mean_curve, stated_curve, units
 
     if not found:
         return None
@@ -406,10 +415,9 @@ def claim_figure(found, folder: Path) -> Path | None:
             ax.plot(eps, 100 * worst, color=cmap(0), lw=0.8, alpha=0.35)
         top = 0.5
         for family, color in [(pixmix, cmap(0)), *((row.robust, colors[row.robust.label]) for row in found if row.pixmix is pixmix)]:
-            curves = [stated_curve(ev) for ev in family.members]
-            eps = curves[0][0]
+            eps, mean = mean_curve(family)
             top = max(top, float(eps.max()))
-            ax.plot(eps, 100 * np.mean([w for _, w in curves], axis=0), "-o", color=color, ms=3, lw=2.0)
+            ax.plot(eps, 100 * mean, "-o", color=color, ms=3, lw=2.0)
         ax.axhline(100 * FLOOR, color="k", ls=":", lw=1)
         ax.axvspan(FROM, top, color="k", alpha=0.05, lw=0)
         ax.set_xlim(0, top)
