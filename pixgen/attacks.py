@@ -21,6 +21,9 @@ Adding an attack is one builder `f(model, eps, stream, **params) -> atk` and one
   It runs on the images' device, its progress output off; its warnings (zero gradients, a
   randomised or dynamic defence such as DENT) go to the "auto-attack" logger.
 
+- square: AutoAttack's Square alone, 5,000 queries of the network's predictions (no gradient), as
+  its standard version runs it; the score-based attack on a defence as a whole (DENT included).
+
 At ε = 0 every attack is the identity (the ball is the image itself), so none is run.
 
 Attacks use the network as given: pass it in eval mode. A batch-adaptive network (DENT) predicts a
@@ -183,11 +186,15 @@ def pgd(model: nn.Module, eps: float, stream: int, steps: int = PGD_STEPS, resta
     return attack
 
 
-def autoattack(model: nn.Module, eps: float, stream: int):
+def autoattack(model: nn.Module, eps: float, stream: int, parts: tuple[str, ...] | None = None):
+    """The standard version, or (`parts`) a custom run of those of its attacks."""
     from pyautoattack import AutoAttack
 
     def attack(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        runner = AutoAttack(model, eps=eps, norm="Linf", version="standard", seed=stream, device=images.device)
+        if parts is None:
+            runner = AutoAttack(model, eps=eps, norm="Linf", version="standard", seed=stream, device=images.device)
+        else:
+            runner = AutoAttack(model, attacks=list(parts), eps=eps, norm="Linf", version="custom", seed=stream, device=images.device)
         runner.verbose = False
         # its stages reseed torch's global generator from `seed`; the fork keeps that from the caller
         with seeded(stream):
@@ -197,7 +204,13 @@ def autoattack(model: nn.Module, eps: float, stream: int):
     return attack
 
 
-ATTACKS = {"fgsm": fgsm, "pgd": pgd, "autoattack": autoattack}
+def square(model: nn.Module, eps: float, stream: int):
+    """AutoAttack's Square (5,000 queries, as in its standard version) alone: it reads only the
+    network's predictions, so it attacks a defence as a whole, gradients or none."""
+    return autoattack(model, eps, stream, parts=("square",))
+
+
+ATTACKS = {"fgsm": fgsm, "pgd": pgd, "autoattack": autoattack, "square": square}
 
 
 def build(name: str, model: nn.Module, eps: float, seed: int = 0, batch: int = 0, **params):

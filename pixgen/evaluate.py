@@ -153,6 +153,12 @@ def threats(setup: "Setup", defence: str, attack: str) -> dict[str, Callable]:
     if defence == "none":
         return {"standard": on(static, **params)}
     dent = setup.networks[defence]
+    if attack == "autoattack":
+        # Shown to DENT from the static network: through DENT its gradient attacks are the adaptive
+        # ones' business (below) and its score-based one is `square`, on the defended whole.
+        return {"transfer": on(static)}
+    if attack == "square":
+        return {"standard": on(dent)}
     out = {"standard": on(dent, **params), "transfer": on(static, **params)}
     if attack == "pgd":
         steps = setup.config.adaptive_steps
@@ -377,6 +383,24 @@ def attack_summary(group, setup: "Setup", d: str, attack: str) -> dict:
     return entry
 
 
+ADAPTIVE_FROM = 0.1  # from this ε the adaptive attack on DENT must be at least as strong as transfer
+ALL_ATTACKS = "all-attacks"  # results key: the per-digit worst case over every attack run at an ε
+
+
+def all_attacks_summary(group, setup: "Setup", d: str) -> dict:
+    """Per pixel ε that any attack ran at, the per-digit AND over the attacks run there (each the
+    AND over its threats): the defence's robust accuracy, the number to report; `attacks` names
+    which attacks each ε's worst case covers."""
+    by_eps: dict[float, list[tuple[str, np.ndarray]]] = {}
+    for attack, _ in setup.config.attacks:
+        worst = np.logical_and.reduce(list(outcomes(group, d, attack).values()))
+        for e, row in zip(setup.pixel_eps(attack), worst):
+            by_eps.setdefault(round(e, 9), []).append((attack, row))
+    eps = sorted(by_eps)
+    stats = interval(np.stack([np.logical_and.reduce([row for _, row in by_eps[e]]) for e in eps]))
+    return {"eps": eps, "attacks": [[a for a, _ in by_eps[e]] for e in eps], "count": int(len(setup.attack[1])), "worst": stats["accuracy"], "worst_interval": stats["interval"]}
+
+
 def sanity(group, setup: "Setup", results: dict) -> list[str]:
     """Carlini et al. 2019's checks on the stored outcomes: accuracy must not rise with ε (per
     attack and defence); no digit certified at ε is broken by an attack at ε (both in pixels)."""
@@ -385,6 +409,11 @@ def sanity(group, setup: "Setup", results: dict) -> list[str]:
     for d, suites in results.items():
         worst = {a: dict(zip(grid_, np.logical_and.reduce(list(outcomes(group, d, a).values())))) for a, grid_ in grids.items() if a in suites}
         warnings += [f"{d}: {w}" for w in attacks.sanity_warnings(worst)]
+        pgd = suites.get("pgd", {})
+        for i, e in enumerate(pgd.get("eps", [])):
+            # Croce et al. 2022: an adaptive attack weaker than transfer is a broken adaptive attack.
+            if e >= ADAPTIVE_FROM and "adaptive" in pgd and pgd["adaptive"][i] > pgd["transfer"][i]:
+                warnings.append(f"{d}: adaptive PGD leaves {pgd['adaptive'][i]:.1%} at ε {e:g}, more than transfer's {pgd['transfer'][i]:.1%}; the adaptive attack is failing")
     if "certified" in group:
         proved, eps = group["certified"][:], training_eps(setup.meta)
         for attack, grid_ in grids.items():
@@ -464,6 +493,8 @@ def results_of(group, setup: Setup, tasks: list[tuple[str, str]]) -> dict:
                 out[suite] = SUITES[suite].summarize(group, setup, defence)
         for attack, _ in setup.config.attacks:
             out[attack] = attack_summary(group, setup, defence, attack)
+        if len(setup.config.attacks) > 1:
+            out[ALL_ATTACKS] = all_attacks_summary(group, setup, defence)
     return results
 
 

@@ -45,8 +45,8 @@ def correct(model, images, labels) -> np.ndarray:
 
 def test_registry_round_trip(net, digits, monkeypatch):
     x, y = digits[0][:8], digits[1][:8]
-    assert set(attacks.ATTACKS) == {"fgsm", "pgd", "autoattack"}
-    with pytest.raises(PixgenError, match="fgsm, pgd, autoattack"):
+    assert set(attacks.ATTACKS) == {"fgsm", "pgd", "autoattack", "square"}
+    with pytest.raises(PixgenError, match="fgsm, pgd, autoattack, square"):
         attacks.build("cw", net, EPS)
     with pytest.raises(PixgenError, match="ε must be ≥ 0"):
         attacks.build("pgd", net, -0.1)
@@ -70,7 +70,7 @@ def test_registry_round_trip(net, digits, monkeypatch):
         assert torch.equal(attacks.build(name, net, 0.0)(x, y), x)
 
 
-@pytest.mark.parametrize("name, params", [("fgsm", {}), ("pgd", {}), ("pgd", {"loss": "dlr", "restarts": 2}), ("autoattack", {})])
+@pytest.mark.parametrize("name, params", [("fgsm", {}), ("pgd", {}), ("pgd", {"loss": "dlr", "restarts": 2}), ("autoattack", {}), ("square", {})])
 def test_outputs_stay_in_the_ball_and_the_unit_box(net, digits, name, params):
     x, y = digits[0][:20], digits[1][:20]
     before = x.clone()
@@ -268,6 +268,25 @@ def test_autoattack_is_at_least_as_strong_as_pgd_and_deterministic(net, digits):
     assert runs[0].numpy().tobytes() == runs[1].numpy().tobytes()
     auto = correct(net, runs[0], y)
     assert 0 < auto.sum() <= pgd.sum() < correct(net, x, y).sum()
+
+
+def test_square_reads_only_predictions_and_is_deterministic(net, digits):
+    """Square through a network with no gradient at all (its output detached from its input) breaks
+    about the digits PGD breaks through the network itself."""
+    x, y = digits[0][:40], digits[1][:40]
+
+    class Opaque(torch.nn.Module):
+        def forward(self, images):
+            with torch.no_grad():
+                return net(images)
+
+    runs = [attacks.build("square", Opaque(), EPS, seed=4)(x, y) for _ in range(2)]
+    assert runs[0].numpy().tobytes() == runs[1].numpy().tobytes()
+    with pytest.raises(RuntimeError):  # a gradient attack cannot run on it
+        attacks.build("pgd", Opaque(), EPS)(x, y)
+    clean, pgd = correct(net, x, y), correct(net, attacks.build("pgd", net, EPS)(x, y), y)
+    broken = clean & ~correct(net, runs[0], y)
+    assert broken.sum() >= 0.5 * (clean & ~pgd).sum() > 0
 
 
 def test_sanity_warnings_and_worst_case():

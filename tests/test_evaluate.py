@@ -82,7 +82,8 @@ def tiny(folder, tmp_path_factory):
     shutil.copytree(folder, dual)
     meta = json.loads((dual / models.META).read_text())
     (dual / models.META).write_text(json.dumps({**meta, "method": "dual", "eps": 0.01}))
-    config = evaluate.EvalConfig(suites=tuple(evaluate.SUITES), defenses=("none", "dent"), certify_size=5, dent=DentConfig(steps=2, batch_size=12), **SMALL)
+    small = SMALL | {"attacks": (*SMALL["attacks"], ("autoattack", (0.1,)), ("square", (0.1,)))}
+    config = evaluate.EvalConfig(suites=tuple(evaluate.SUITES), defenses=("none", "dent"), certify_size=5, dent=DentConfig(steps=2, batch_size=12), **small)
     return config, dual, corrupt, evaluate.run(config, dual, tmp / "eval.zarr", corrupt)
 
 
@@ -94,6 +95,15 @@ def test_a_tiny_run_stores_per_digit_outcomes_and_results_computed_from_them(tin
     assert none["fgsm"]["eps"] == [0.0, 0.05, 0.1] and {"standard", "worst"} <= set(none["fgsm"])
     assert {"standard", "transfer", "worst"} <= set(dent["fgsm"])
     assert {"standard", "transfer", "adaptive", "fixed-point", "eot", "worst"} <= set(dent["pgd"])
+    # AutoAttack is shown to DENT from the static network; Square attacks DENT as a whole.
+    assert set(evaluate.outcomes(group, "dent", "autoattack")) == {"transfer"} and set(evaluate.outcomes(group, "dent", "square")) == {"standard"}
+    # The worst case over attacks: per digit, the AND of every attack's worst case run at that ε.
+    for name, defense in (("none", none), ("dent", dent)):
+        every = defense[evaluate.ALL_ATTACKS]
+        assert every["eps"] == [0.0, 0.05, 0.1] and every["attacks"][2] == ["fgsm", "pgd", "autoattack", "square"]
+        at = {a: np.logical_and.reduce(list(evaluate.outcomes(group, name, a).values())) for a in ("fgsm", "pgd", "autoattack", "square")}
+        assert every["worst"][2] == np.mean(at["fgsm"][2] & at["pgd"][0] & at["autoattack"][0] & at["square"][0])
+        assert every["worst"][1] == defense["fgsm"]["worst"][1] and every["worst"][2] <= min(defense[a]["worst"][-1] for a in at)
     assert group.attrs["model"]["dent_variants"] == {"dent": "channel-affine (BN-free generalisation)"}
     # Per digit: the stored outcomes give the accuracies, and the worst case is their AND.
     threats = {t: group[f"dent_pgd_{t}"][:] for t in ("standard", "transfer", "adaptive", "fixed-point", "eot")}

@@ -15,7 +15,9 @@ import numpy as np
 
 from .. import PixgenError, assets
 
-ATTACKS = {"fgsm": "FGSM", "pgd": "PGD-40"}
+ATTACKS = {"fgsm": "FGSM", "pgd": "PGD-40"}  # drawn against ε
+POINT_ATTACKS = {"autoattack": "AutoAttack", "square": "Square-5000"}  # run at a few ε: table columns at each
+ALL_ATTACKS = "all-attacks"  # pixgen.evaluate's per-digit worst case over every attack run at an ε
 EPS_TOL = 1e-9
 # Keys of an attack entry that are not a threat's accuracies (each threat also has `<threat>_interval`).
 NOT_THREATS = ("eps", "stated_eps", "count", "worst")
@@ -45,7 +47,7 @@ def _check(path: Path, doc) -> None:
     if not isinstance(defenses, dict) or not defenses or not all(isinstance(d, dict) for d in defenses.values()):
         _fail(path, "no defenses")
     for name, results in defenses.items():
-        for attack in ("fgsm", "pgd", "autoattack"):
+        for attack in (*ATTACKS, *POINT_ATTACKS, ALL_ATTACKS):
             entry = results.get(attack)
             if entry is None:
                 continue

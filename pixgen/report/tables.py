@@ -7,7 +7,7 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass
 
-from .load import ATTACKS, CERTIFY_METHODS, Certificate, Evaluation, chosen, defence_label, eps_index, eps_text, keys, networks, rows, threats
+from .load import ALL_ATTACKS, ATTACKS, CERTIFY_METHODS, POINT_ATTACKS, Certificate, Evaluation, chosen, defence_label, eps_index, eps_text, keys, networks, rows, threats
 from .settings import ReportConfig
 
 
@@ -43,8 +43,11 @@ def columns(evals: list[Evaluation], config: ReportConfig) -> list[Column]:
     specs = [("clean acc.", "max", 1, lambda r: (_get(r, "clean", "accuracy"), _get(r, "clean", "interval")))]
     for attack, name in ATTACKS.items():
         specs += [(f"{name} {eps_text(e)}", "max", 1, lambda r, a=attack, e=e: (_at_eps(r.get(a), e), _at_eps(r.get(a), e, "worst_interval"))) for e in config.table_eps]
-    for e in sorted({e for r in results for e in (_get(r, "autoattack", "eps") or [])}):
-        specs.append((f"AutoAttack {eps_text(e)}", "max", 1, lambda r, e=e: (_at_eps(r.get("autoattack"), e), _at_eps(r.get("autoattack"), e, "worst_interval"))))
+    for attack, name in POINT_ATTACKS.items():
+        for e in sorted({e for r in results for e in (_get(r, attack, "eps") or [])}):
+            specs.append((f"{name} {eps_text(e)}", "max", 1, lambda r, a=attack, e=e: (_at_eps(r.get(a), e), _at_eps(r.get(a), e, "worst_interval"))))
+    if any(ALL_ATTACKS in r for r in results):
+        specs += [(f"all attacks {eps_text(e)}", "max", 1, lambda r, e=e: (_at_eps(r.get(ALL_ATTACKS), e), _at_eps(r.get(ALL_ATTACKS), e, "worst_interval"))) for e in config.table_eps]
     specs += [
         ("MNIST-C mean", "max", 1, lambda r: (_get(r, "corruptions", "mean"), None)),
         ("MNIST-C mean w/o affine", "max", 1, lambda r: (_get(r, "corruptions", "mean_without_affine"), None)),
@@ -127,7 +130,7 @@ def table_notes(evals: list[Evaluation], cols: list[Column]) -> list[str]:
     dent = [(ev, d) for ev, d in rows(evals) if d != "none"]
     if dent:
         covered = []
-        for attack, name in {**ATTACKS, "autoattack": "AutoAttack"}.items():
+        for attack, name in {**ATTACKS, **POINT_ATTACKS}.items():
             names = list(dict.fromkeys(t for ev, d in dent for t in threats(ev.doc["defenses"][d].get(attack) or {})))
             if names:
                 covered.append(f"{name}: {', '.join(names)}")
@@ -137,6 +140,8 @@ def table_notes(evals: list[Evaluation], cols: list[Column]) -> list[str]:
             "A DENT defence names what it adapted: BN, the network's BatchNorm scales and shifts, as published; "
             "channel-affine, no BN: the BN-free generalisation, a channel-wise scale and shift after each convolution."
         )  # fmt: skip
+    if any(c.header.startswith("all attacks ") for c in cols):
+        notes.append("all attacks ε: a digit counts only if correct under every attack run at that ε (and, for DENT, every threat of each), the robust accuracy to report.")
     stated = [f"{ev.label} (× std {ev.doc.get('eps_to_pixel'):g})" for ev in evals if ev.doc.get("eps_units") == "input"]
     if stated:
         notes.append("Every ε is in pixel units (images in [0, 1]). Attack grids given in input units (pixgen evaluate --eps-units input), shown at the pixel ε they ran at: " + "; ".join(stated) + ".")
