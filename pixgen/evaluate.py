@@ -401,6 +401,17 @@ def all_attacks_summary(group, setup: "Setup", d: str) -> dict:
     return {"eps": eps, "attacks": [[a for a, _ in by_eps[e]] for e in eps], "count": int(len(setup.attack[1])), "worst": stats["accuracy"], "worst_interval": stats["interval"]}
 
 
+def adaptive_warnings(entry: dict) -> list[str]:
+    """A DENT PGD entry's ε (from ADAPTIVE_FROM) where the adaptive attack leaves more digits than
+    transfer: after Croce et al. 2022, an adaptive attack weaker than transfer is a broken one."""
+    if "adaptive" not in entry:
+        return []
+    return [
+        f"adaptive PGD leaves {entry['adaptive'][i]:.1%} at ε {e:g}, more than transfer's {entry['transfer'][i]:.1%}; the adaptive attack is failing"
+        for i, e in enumerate(entry["eps"]) if e >= ADAPTIVE_FROM and entry["adaptive"][i] > entry["transfer"][i]
+    ]  # fmt: skip
+
+
 def sanity(group, setup: "Setup", results: dict) -> list[str]:
     """Carlini et al. 2019's checks on the stored outcomes: accuracy must not rise with ε (per
     attack and defence); no digit certified at ε is broken by an attack at ε (both in pixels)."""
@@ -409,11 +420,7 @@ def sanity(group, setup: "Setup", results: dict) -> list[str]:
     for d, suites in results.items():
         worst = {a: dict(zip(grid_, np.logical_and.reduce(list(outcomes(group, d, a).values())))) for a, grid_ in grids.items() if a in suites}
         warnings += [f"{d}: {w}" for w in attacks.sanity_warnings(worst)]
-        pgd = suites.get("pgd", {})
-        for i, e in enumerate(pgd.get("eps", [])):
-            # Croce et al. 2022: an adaptive attack weaker than transfer is a broken adaptive attack.
-            if e >= ADAPTIVE_FROM and "adaptive" in pgd and pgd["adaptive"][i] > pgd["transfer"][i]:
-                warnings.append(f"{d}: adaptive PGD leaves {pgd['adaptive'][i]:.1%} at ε {e:g}, more than transfer's {pgd['transfer'][i]:.1%}; the adaptive attack is failing")
+        warnings += [f"{d}: {w}" for w in adaptive_warnings(suites.get("pgd", {}))]
     if "certified" in group:
         proved, eps = group["certified"][:], training_eps(setup.meta)
         for attack, grid_ in grids.items():

@@ -154,6 +154,15 @@ def test_fgsm_outcomes_from_the_shared_gradient_are_those_of_one_attack_per_eps(
     assert len(set(group["none_fgsm_standard"][:].sum(1).tolist())) > 1  # the grid's ε differ in effect
 
 
+def test_an_adaptive_attack_weaker_than_transfer_is_warned_about(tiny):
+    _, _, _, path = tiny
+    pgd = dict(assets.open_asset(path, stage="evaluate").attrs["defenses"]["dent"]["pgd"])
+    assert evaluate.adaptive_warnings(pgd) == [] and pgd["adaptive"][0] <= pgd["transfer"][0]
+    weak = pgd | {"eps": [0.05, 0.1], "adaptive": [0.9, 0.6], "transfer": [0.5, 0.5]}
+    assert evaluate.adaptive_warnings(weak) == ["adaptive PGD leaves 60.0% at ε 0.1, more than transfer's 50.0%; the adaptive attack is failing"]
+    assert evaluate.adaptive_warnings(dict(assets.open_asset(path, stage="evaluate").attrs["defenses"]["none"]["pgd"])) == []
+
+
 def test_a_rerun_is_a_no_op_and_another_config_needs_force(tiny):
     config, dual, corrupt, path = tiny
     before = {p: p.stat().st_mtime_ns for p in path.rglob("*")}
