@@ -35,7 +35,7 @@ claim: install
 	OMP_NUM_THREADS=1 $(PIXGEN) run pipelines/claim.yaml --root "$${PIXGEN_HOME:-data}/mnist" --jobs 2
 
 test: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 bench: install
 	@for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done

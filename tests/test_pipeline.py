@@ -180,7 +180,7 @@ def test_the_smoke_pipeline_runs_on_fashion_mnist(tmp_path):
     evaluations, whose natural OOD set is then MNIST."""
     root = tmp_path / "root"
     pixgen("run", REPO / "pipelines" / "smoke-fashion.yaml", "--root", root)
-    for name in ("standard", "pixmix", "dual"):
+    for name in ("standard", "pixmix"):
         assert json.loads((root / name / "meta.json").read_text())["dataset"] == "fashion-mnist"
         result = dict(assets.open_asset(root / f"eval-{name}.zarr", stage="evaluate").attrs)
         assert result["model"]["dataset"] == result["data"]["dataset"] == "fashion-mnist"
@@ -188,6 +188,7 @@ def test_the_smoke_pipeline_runs_on_fashion_mnist(tmp_path):
         assert "fashion-mnist-test" in assets.open_asset(root / f"eval-{name}.zarr").attrs["inputs"]
     assert assets.open_asset(root / "shards.zarr").attrs["config"]["dataset"] == "fashion-mnist"
     assert "fashion-mnist-test" in assets.open_asset(root / "fashion-mnist-c.zarr").attrs["inputs"]
+    assert "fashion-mnist-test" in assets.open_asset(root / "cert-standard-ibp.zarr", stage="certify").attrs["inputs"]
     assert "| standard (standard) | none |" in (root / "report" / "summary.md").read_text()
 
 
