@@ -357,9 +357,7 @@ def _relax_projected(layers, weights, shapes, lo, hi, k, generator):
         scale = low * d
         unstable = int((low < 0).sum())
         if unstable > k:
-            # the library draws on the unstable units only; elsewhere the scale is 0, so drawing
-            # everywhere has the same law and saves a scatter
-            new = _scale(_cauchy((batch, k, *shapes[i]), lo, generator), scale)
+            new = _unstable_cauchy(scale, low < 0, k, generator)
         else:  # the library's exact rows: one per unstable unit, at most k per example
             flat = scale.flatten(1)
             first = min(k, flat.shape[1])
@@ -547,6 +545,68 @@ def _cauchy(shape, like, generator):
     """Standard Cauchy draws as tan(π(U − ½)): the same law as Tensor.cauchy_, several times faster on CPU."""
     uniform = torch.rand(shape, dtype=like.dtype, device=like.device, generator=generator)
     return uniform.sub_(0.5).mul_(torch.pi).tan_()
+
+
+def _unstable_cauchy(scale: torch.Tensor, unstable: torch.Tensor, k: int, generator) -> torch.Tensor:
+    """k rows (B, k, *shape) of Cauchy draws times `scale`, which is 0 off the `unstable` units.
+    The library draws on the unstable units only, as the CPU path does (a small share of the units
+    once training has made most ReLUs stable); elsewhere drawing on every unit has the same law and
+    saves a scatter."""
+    if scale.device.type != "cpu":
+        return _scale(_cauchy((scale.shape[0], k, *scale.shape[1:]), scale, generator), scale)
+    return _SpreadCauchy.apply(scale, unstable, k, generator)
+
+
+class _SpreadCauchy(torch.autograd.Function):
+    """Draws on the unstable units only, spread into the dense rows (zeros elsewhere) and scaled in
+    one Numba pass; the scale's gradient likewise reads the rows' gradient at those units only."""
+
+    @staticmethod
+    def forward(ctx, scale, unstable, k, generator):
+        unstable = unstable.flatten(1).contiguous()
+        counts = unstable.sum(1)
+        start = counts.cumsum(0) - counts  # each example's first draw in a row of draws
+        draws = _cauchy((k, int(counts.sum())), scale, generator)
+        rows = scale.new_empty(scale.shape[0], k, unstable.shape[1])
+        _split(_spread, rows, scale.detach().contiguous().flatten(1), unstable, start, draws=draws.numpy())
+        ctx.save_for_backward(unstable, start, draws)
+        ctx.shape = scale.shape
+        return rows.reshape(scale.shape[0], k, *scale.shape[1:])
+
+    @staticmethod
+    def backward(ctx, grad):
+        unstable, start, draws = ctx.saved_tensors
+        grad_scale = grad.new_empty(unstable.shape)
+        _split(_spread_backward, grad.contiguous().flatten(2), unstable, start, grad_scale, draws=draws.numpy())
+        return grad_scale.reshape(ctx.shape), None, None, None
+
+
+@numba.njit(cache=True, nogil=True)
+def _spread(rows, scale, unstable, start, draws):
+    """rows[b, r, u] = scale[b, u] · draws[r, p], p counting example b's unstable units from start[b]; 0 off them."""
+    batch, size, units = rows.shape
+    for b in range(batch):
+        for r in range(size):
+            p = start[b]
+            for u in range(units):
+                if unstable[b, u]:
+                    rows[b, r, u] = scale[b, u] * draws[r, p]
+                    p += 1
+                else:
+                    rows[b, r, u] = 0.0
+
+
+@numba.njit(cache=True, nogil=True)
+def _spread_backward(grad, unstable, start, grad_scale, draws):
+    batch, size, units = grad.shape
+    for b in range(batch):
+        grad_scale[b] = 0
+        for r in range(size):
+            p = start[b]
+            for u in range(units):
+                if unstable[b, u]:
+                    grad_scale[b, u] += grad[b, r, u] * draws[r, p]
+                    p += 1
 
 
 def _abs_median(rows: torch.Tensor) -> torch.Tensor:
