@@ -85,11 +85,15 @@ def bounds(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: float, p
     else:
         relus = _relax_exact(layers, weights, shapes, lo, hi)
     classes = shapes[-1][0]
+    others = torch.arange(classes, device=x.device).expand(len(y), -1)
+    others = others[others != y[:, None]].reshape(len(y), classes - 1)  # row y, e_y − e_y, is 0: not carried
     eye = torch.eye(classes, dtype=x.dtype, device=x.device)
-    lam = eye[None] - eye[y][:, None]  # row j: e_j − e_y
+    lam = eye[others] - eye[y][:, None]  # row j: e_j − e_y
     if projections:  # the library's unclipped ε-ball input term
-        return _margins(layers, weights, lam, relus, shapes, x.permute(0, 2, 3, 1), torch.full_like(lo, eps))
-    return _margins(layers, weights, lam, relus, shapes, (hi + lo) / 2, (hi - lo) / 2)
+        margins = _margins(layers, weights, lam, relus, shapes, x.permute(0, 2, 3, 1), torch.full_like(lo, eps))
+    else:
+        margins = _margins(layers, weights, lam, relus, shapes, (hi + lo) / 2, (hi - lo) / 2)
+    return margins.new_zeros(len(y), classes).scatter(1, others, margins)
 
 
 def _check(model: nn.Module) -> list[nn.Module]:
