@@ -31,17 +31,23 @@ the unclipped ε-ball objective), their input term is λ_inᵀx + ε‖λ_in‖�
 projected estimate sits above the exact bound where the box clips the ball.
 
 Where the time goes, and how it is kept down (training, wk-small): the blocks through the convs
-and their gradients. Maps are held channels-last, (H, W, C), so oneDNN's convs take and give them
-without copies; blocks are never concatenated; the median is a sorting network run by a Numba
-kernel on each example's block in cache; the passes over the blocks that autograd would make
-several of (rows·d and its two gradients, the margins' Σ[ν]_+·(−l) and its gradients) are one
-Numba pass each way; the last ReLU's estimate, whose products go no further, is differentiated
-through the one chosen row per unit (B·U scaled rows instead of two dense GEMMs k times larger);
-and Wᵀ of a few-channel conv (col2im) is differentiated by the conv itself.
+and their gradients, over 40% of the step at near the core's peak in oneDNN (its data gradient
+of the stride-2 conv is the largest piece; its transposed conv does no better in place), and the
+GEMMs of the last Linear, a tenth; the rest is passes over the blocks. Maps are held
+channels-last, (H, W, C), so oneDNN's convs take and give them without copies; blocks are never
+concatenated; the median is a sorting network run by a Numba kernel on each example's block in
+cache; the passes over the blocks that autograd would make several of (rows·d and its two
+gradients, the margins' Σ[ν]_+·(−l) and its gradients) are one Numba pass each way; the new
+rows' Cauchy draws are made on the unstable units only (a small share once training has made
+most ReLUs stable) and spread into the block by one Numba pass each way; the margins carry the
+C − 1 rows e_j − e_y, j ≠ y, not the zero row; the last ReLU's estimate, whose products go no
+further, is differentiated through the one chosen row per unit (B·U scaled rows instead of two
+dense GEMMs k times larger); and Wᵀ of a few-channel conv (col2im) is differentiated by the conv
+itself.
 
 Differences from the library. Same numbers: the exact bound and its gradient agree to float
 rounding; the projected estimate has its law, not its draws — Cauchy values come from
-tan(π(U − ½)) and are drawn on every unit (times a scale that is 0 off the unstable ones), no
+tan(π(U − ½)) (drawn on every unit, times a scale that is 0 off the unstable ones, off the CPU), no
 rows are drawn for the last ReLU (the library draws them and never uses them), and the median
 sends its gradient to one chosen element, as torch.median does (a tie of magnitudes is one of
 zeros, whose sign passes no gradient, or has probability 0). Projections must be fewer than the
