@@ -17,7 +17,7 @@ import pytest
 
 from conftest import pixgen
 from pixgen import PixgenError, assets, evaluate, methods, metrics, models, report
-from pixgen.report.load import pairs, threats
+from pixgen.report.load import ALL_ATTACKS, pairs, threats
 
 EPS = [0.0, 0.1, 0.2, 0.3]
 CORRUPTIONS = ["shot_noise", "rotate", "fog"]
@@ -254,6 +254,10 @@ def paired(tmp_path_factory) -> tuple[str, str]:
     for name, fgsm in outcomes.items():
         doc = evaluation(root / name, "standard", 0.99, [0.99, 0.3, 0.2, 0.1], ece=0.02, fpr95=0.5, dent=())
         doc["defenses"]["none"]["fgsm"] = attack_entry(EPS, {"standard": fgsm})
+        # PGD (first 20 digits right at 0.2, as `evaluation` makes it) joins FGSM's worst case at 0 and 0.2
+        pgd = np.stack([right(v) for v in doc["defenses"]["none"]["pgd"]["standard"]])
+        every = np.stack([fgsm[0] & pgd[0], fgsm[1], fgsm[2] & pgd[1], fgsm[3]])
+        doc["defenses"]["none"][ALL_ATTACKS] = {"eps": EPS, "attacks": [["fgsm", "pgd"], ["fgsm"], ["fgsm", "pgd"], ["fgsm"]], "worst": evaluate.interval(every)["accuracy"]}
         indices = np.arange(ATTACK_DIGITS) + (name == "c-net")
         paths.append(evaluation_asset(root / f"{name}.zarr", doc, indices, {"none_fgsm_standard": fgsm}))
     index = report.run(report.ReportConfig(), paths, root / "report")
@@ -271,6 +275,10 @@ def test_who_is_ahead_only_where_the_exact_mcnemar_test_says_so(paired):
     assert fgsm["0.1"] == ["40", "5", f"{p45:.2g}", "a-net (standard) is ahead of b-net (standard)"]
     assert fgsm["0.2"] == ["6", "3", f"{p9:.2g}", "no significant difference"]  # p ≈ 0.51
     assert fgsm["0.3"] == ["5", "40", f"{p45:.2g}", "b-net (standard) is ahead of a-net (standard)"]
+    # over all attacks: FGSM's alone where only it ran; at 0.2 the AND with PGD leaves both nets digits 0-19
+    every = {r[3]: r[4:] for r in rows if r[2] == "all attacks"}
+    assert every["0.1"] == fgsm["0.1"] and every["0.3"] == fgsm["0.3"]
+    assert every["0.2"] == ["0", "0", "1", "no significant difference"]
     paired_html = page[page.index('id="paired"') :]
     assert "a-net (standard) is ahead of b-net (standard)" in paired_html and f"<td>{p45:.2g}</td>" in paired_html
     assert "not corrected for the number of tests" in summary

@@ -18,6 +18,7 @@ from .. import PixgenError, assets
 ATTACKS = {"fgsm": "FGSM", "pgd": "PGD-40"}  # drawn against ε
 POINT_ATTACKS = {"autoattack": "AutoAttack", "square": "Square-5000"}  # run at a few ε: table columns at each
 ALL_ATTACKS = "all-attacks"  # pixgen.evaluate's per-digit worst case over every attack run at an ε
+ATTACK_LABELS = {**ATTACKS, **POINT_ATTACKS, ALL_ATTACKS: "all attacks"}
 EPS_TOL = 1e-9
 # Keys of an attack entry that are not a threat's accuracies (each threat also has `<threat>_interval`).
 NOT_THREATS = ("eps", "stated_eps", "count", "worst")
@@ -154,11 +155,29 @@ def worst_outcomes(ev: Evaluation, defence: str, attack: str) -> np.ndarray | No
     its threats: the per-digit AND behind the entry's `worst`, read from the stored outcomes;
     None when the evaluation stored none."""
     entry = ev.doc["defenses"][defence].get(attack)
+    if attack == ALL_ATTACKS:
+        return _all_attacks_outcomes(ev, defence, entry)
     group = assets.open_asset(ev.path, stage="evaluate")
     names = [f"{defence}_{attack}_{t}" for t in threats(entry or {})]
     if not names or not all(n in group for n in names):
         return None
     return np.logical_and.reduce([assets.read(group, n).astype(bool) for n in names])
+
+
+def _all_attacks_outcomes(ev: Evaluation, defence: str, entry: dict | None) -> np.ndarray | None:
+    """(E, M) per ε of the all-attacks entry: the AND of the worst outcomes of the attacks it lists there."""
+    if not entry:
+        return None
+    rows = []
+    for eps, names in zip(entry["eps"], entry["attacks"]):
+        parts = []
+        for name in names:
+            outcome, at = worst_outcomes(ev, defence, name), eps_index(ev.doc["defenses"][defence][name]["eps"], eps)
+            if outcome is None or at is None:
+                return None
+            parts.append(outcome[at])
+        rows.append(np.logical_and.reduce(parts))
+    return np.stack(rows)
 
 
 # ---------------------------------------------------------------- certificates

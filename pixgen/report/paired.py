@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import metrics
 from .families import family_label, seed_of
-from .load import ATTACKS, Evaluation, attack_digits, eps_index, eps_text, row_label, rows, worst_outcomes
+from .load import ALL_ATTACKS, ATTACK_LABELS, ATTACKS, Evaluation, attack_digits, eps_index, eps_text, row_label, rows, worst_outcomes
 from .settings import ReportConfig
 
 LEVEL = 0.05  # "ahead" only below this p-value
@@ -74,7 +74,7 @@ def comparisons(evals: list[Evaluation], config: ReportConfig) -> list[Compariso
             same = digits[ev_a.path] is not None and digits[ev_b.path] is not None and np.array_equal(digits[ev_a.path], digits[ev_b.path])
             if not (_compared(first, second) and same):
                 continue
-            for attack in ATTACKS:
+            for attack in (*ATTACKS, ALL_ATTACKS):
                 a, b = outcome(ev_a, d_a, attack), outcome(ev_b, d_b, attack)
                 if a is None or b is None:
                     continue
@@ -87,7 +87,7 @@ def comparisons(evals: list[Evaluation], config: ReportConfig) -> list[Compariso
 
 
 NOTE = (
-    "Exact McNemar test on the attack digits both rows were attacked on, per attack and ε: A only / B only count "
+    "Exact McNemar test on the attack digits both rows were attacked on, per attack (and over all attacks run at the ε) and ε: A only / B only count "
     "the digits only A (only B) gets right under its worst case; p is the two-sided binomial test of those "
     f"discordant digits at 1/2. \"ahead\" only where p < {LEVEL:g}; each p is of its test alone, not corrected "
     "for the number of tests. Pairs: the same defence in two evaluations, and DENT against no defence in one."
@@ -96,7 +96,7 @@ EMPTY = "No paired test: no two rows of the table were attacked on the same digi
 
 
 def _cells(c: Comparison) -> list[str]:
-    return [c.a, c.b, ATTACKS[c.attack], f"{c.eps:g}", str(c.a_only), str(c.b_only), f"{c.p:.2g}", c.verdict]
+    return [c.a, c.b, ATTACK_LABELS[c.attack], f"{c.eps:g}", str(c.a_only), str(c.b_only), f"{c.p:.2g}", c.verdict]
 
 
 HEADER = ["A", "B", "attack", eps_text(), "A only", "B only", "p", "verdict"]
