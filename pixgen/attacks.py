@@ -11,9 +11,10 @@ Adding an attack is one builder `f(model, eps, stream, **params) -> atk` and one
   to the logits' scale, so a saturated softmax does not hide the gradient), or several losses in
   turn; `restarts` (1) random starts per loss. Each digit keeps its best point: the first iterate
   of any restart that the network misclassifies (the clean image counts, as it lies in every
-  ball), else the highest-loss iterate seen under the last loss. Restarts after the first run only on the digits still correct, and within a restart a
-  digit leaves the batch once broken (`compact`; never on a batch-adaptive network such as DENT,
-  whose prediction of a digit depends on its batch-mates). A network that classifies each digit
+  ball), else the highest-loss iterate seen under the last loss. Restarts after the first run
+  only on the digits still correct, and within a restart a digit leaves the batch once broken
+  (`compact`; never on a batch-adaptive network such as DENT, whose prediction of a digit depends
+  on its batch-mates). A network that classifies each digit
   on its own gives every digit the same iterates either way, so the outcome is the same bytes.
 - autoattack: the official AutoAttack, "standard" version (fra31/auto-attack as packaged on PyPI
   as `pyautoattack`): APGD-CE and APGD-T (9 target classes), FAB-T (9 targets), 100 iterations

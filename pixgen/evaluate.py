@@ -373,6 +373,11 @@ def outcomes(group, d: str, attack: str) -> dict[str, np.ndarray]:
     return {k.removeprefix(prefix): group[k][:] for k in sorted(group.array_keys()) if k.startswith(prefix)}
 
 
+def worst_outcomes(group, d: str, attack: str) -> np.ndarray:
+    """(E, M): per ε and attack digit, correct under every threat of the attack (their AND)."""
+    return np.logical_and.reduce(list(outcomes(group, d, attack).values()))
+
+
 def attack_summary(group, setup: "Setup", d: str, attack: str) -> dict:
     """Per threat and its per-digit AND (`worst`): accuracy and interval per ε."""
     correct = outcomes(group, d, attack)
@@ -393,8 +398,7 @@ def all_attacks_summary(group, setup: "Setup", d: str) -> dict:
     which attacks each ε's worst case covers."""
     by_eps: dict[float, list[tuple[str, np.ndarray]]] = {}
     for attack, _ in setup.config.attacks:
-        worst = np.logical_and.reduce(list(outcomes(group, d, attack).values()))
-        for e, row in zip(setup.pixel_eps(attack), worst):
+        for e, row in zip(setup.pixel_eps(attack), worst_outcomes(group, d, attack)):
             by_eps.setdefault(round(e, 9), []).append((attack, row))
     eps = sorted(by_eps)
     stats = interval(np.stack([np.logical_and.reduce([row for _, row in by_eps[e]]) for e in eps]))
@@ -418,7 +422,7 @@ def sanity(group, setup: "Setup", results: dict) -> list[str]:
     warnings = []
     grids = {a: setup.pixel_eps(a) for a, _ in setup.config.attacks}
     for d, suites in results.items():
-        worst = {a: dict(zip(grid_, np.logical_and.reduce(list(outcomes(group, d, a).values())))) for a, grid_ in grids.items() if a in suites}
+        worst = {a: dict(zip(grid_, worst_outcomes(group, d, a))) for a, grid_ in grids.items() if a in suites}
         warnings += [f"{d}: {w}" for w in attacks.sanity_warnings(worst)]
         warnings += [f"{d}: {w}" for w in adaptive_warnings(suites.get("pgd", {}))]
     if "certified" in group:

@@ -168,11 +168,13 @@ def _all_attacks_outcomes(ev: Evaluation, defence: str, entry: dict | None) -> n
     """(E, M) per ε of the all-attacks entry: the AND of the worst outcomes of the attacks it lists there."""
     if not entry:
         return None
+    # each attack's outcomes read once, not once per ε
+    read = {name: worst_outcomes(ev, defence, name) for name in dict.fromkeys(n for names in entry["attacks"] for n in names)}
     rows = []
     for eps, names in zip(entry["eps"], entry["attacks"]):
         parts = []
         for name in names:
-            outcome, at = worst_outcomes(ev, defence, name), eps_index(ev.doc["defenses"][defence][name]["eps"], eps)
+            outcome, at = read[name], eps_index(ev.doc["defenses"][defence][name]["eps"], eps)
             if outcome is None or at is None:
                 return None
             parts.append(outcome[at])
