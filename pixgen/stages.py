@@ -268,7 +268,7 @@ class AttackGrid(click.ParamType):
 @click.option("--dent-optimizer", type=click.Choice(DENT_OPTIMIZERS), default=DentConfig.optimizer, help="DENT optimiser.")
 @click.option("--dent-loss", type=click.Choice(DENT_LOSSES), default=DentConfig.loss, help="DENT loss: entropy + diversity (shot), or entropy alone.")
 @click.option("--dent-batch-size", type=click.IntRange(1), default=DentConfig.batch_size, help="DENT's batch: it adapts to each batch, so its predictions depend on it.")
-@click.option("--adaptive-steps", type=click.IntRange(1), default=EvalConfig.adaptive_steps, help="Steps of each attack on DENT's internals (adaptive PGD, fixed point, EOT).")
+@click.option("--adaptive-steps", type=click.IntRange(1), default=EvalConfig.adaptive_steps, help="Steps of the fixed-point and EOT attacks on DENT, and of the PGD that gives the adaptive attack its transfer start (the adaptive APGD itself runs AutoAttack's 100).")
 @click.option("--batch-size", type=click.IntRange(1), default=EvalConfig.batch_size, help="The static network's evaluation batch.")
 @click.option("--certify-size", type=click.IntRange(1), default=EvalConfig.certify_size, help="Attack digits (the first) given the exact dual certificate, dual networks only.")
 @click.option("--seed", type=int, default=EvalConfig.seed, help="Seed of the attacks' randomness and of the noise OOD sets.")

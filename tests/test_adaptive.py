@@ -65,3 +65,24 @@ def test_eot_over_batches_lowers_accuracy_in_random_batches(net, digits):
     clean = adaptive.accuracy_in_random_batches(dent, x, y, pool, seed=1, draws=2, per_batch=8)
     attacked = adaptive.accuracy_in_random_batches(dent, adv, y, pool, seed=1, draws=2, per_batch=8)
     assert attacked.mean() < clean.mean(), (attacked.mean(), clean.mean())
+
+
+def test_apgd_checkpoints_are_croce_and_heins():
+    # Their code at 100 steps: 22, then gaps 19, 16, 13, 10, 7, 6, 6.
+    assert sorted(adaptive.apgd_checkpoints(100)) == [22, 41, 57, 70, 80, 87, 93, 99]
+
+
+@pytest.mark.parametrize("loss", ["ce", "dlr"])
+def test_apgd_reaches_a_higher_loss_than_pgd_of_as_many_steps(net, digits, loss):
+    """On this small network both attacks leave the same digits correct; the loss they reach is
+    what tells them apart (APGD's step-size halving and momentum)."""
+    x, y = digits[0][:64], digits[1][:64]
+    reached = {}
+    for name, attack in (("pgd", adaptive.pgd), ("apgd", adaptive.apgd)):
+        generator = torch.Generator().manual_seed(0)
+        args = (net, x, y, 0.1, 20) + ((None,) if name == "pgd" else ()) + (generator, adaptive.LOSSES[loss])
+        adv = attack(*args)
+        assert (adv - x).abs().max() <= 0.1 + 1e-6 and 0 <= adv.min() and adv.max() <= 1
+        with torch.no_grad():
+            reached[name] = float(adaptive.LOSSES[loss](net(adv), y).mean())
+    assert reached["apgd"] > reached["pgd"], reached

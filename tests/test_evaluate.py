@@ -163,6 +163,13 @@ def test_an_adaptive_attack_weaker_than_transfer_is_warned_about(tiny):
     assert evaluate.adaptive_warnings(dict(assets.open_asset(path, stage="evaluate").attrs["defenses"]["none"]["pgd"])) == []
 
 
+def test_autoattack_by_transfer_is_not_held_to_be_stronger_than_pgd_through_dent():
+    outcomes = {"pgd": {0.1: np.array([False, False])}, "autoattack": {0.1: np.array([True, False])}}
+    (warning,) = attacks.sanity_warnings(outcomes, evaluate.strength("none"))
+    assert warning.startswith("autoattack at ε 0.1 leaves 1 digit(s) correct that pgd breaks")
+    assert attacks.sanity_warnings(outcomes, evaluate.strength("dent")) == []
+
+
 def test_a_rerun_is_a_no_op_and_another_config_needs_force(tiny):
     config, dual, corrupt, path = tiny
     before = {p: p.stat().st_mtime_ns for p in path.rglob("*")}
