@@ -411,7 +411,7 @@ def adaptive_warnings(entry: dict) -> list[str]:
     if "adaptive" not in entry:
         return []
     return [
-        f"adaptive PGD leaves {entry['adaptive'][i]:.1%} at ε {e:g}, more than transfer's {entry['transfer'][i]:.1%}; the adaptive attack is failing"
+        f"the adaptive attack leaves {entry['adaptive'][i]:.1%} at ε {e:g}, more than transfer's {entry['transfer'][i]:.1%}; the adaptive attack is failing"
         for i, e in enumerate(entry["eps"]) if e >= ADAPTIVE_FROM and entry["adaptive"][i] > entry["transfer"][i]
     ]  # fmt: skip
 

@@ -159,7 +159,7 @@ def test_an_adaptive_attack_weaker_than_transfer_is_warned_about(tiny):
     pgd = dict(assets.open_asset(path, stage="evaluate").attrs["defenses"]["dent"]["pgd"])
     assert evaluate.adaptive_warnings(pgd) == [] and pgd["adaptive"][0] <= pgd["transfer"][0]
     weak = pgd | {"eps": [0.05, 0.1], "adaptive": [0.9, 0.6], "transfer": [0.5, 0.5]}
-    assert evaluate.adaptive_warnings(weak) == ["adaptive PGD leaves 60.0% at ε 0.1, more than transfer's 50.0%; the adaptive attack is failing"]
+    assert evaluate.adaptive_warnings(weak) == ["the adaptive attack leaves 60.0% at ε 0.1, more than transfer's 50.0%; the adaptive attack is failing"]
     assert evaluate.adaptive_warnings(dict(assets.open_asset(path, stage="evaluate").attrs["defenses"]["none"]["pgd"])) == []
 
 
