@@ -414,7 +414,7 @@ def test_certify_assets_give_a_table_a_column_and_the_bounds_figure(certified, t
     assert header == ["network", "dual ε=0.1 (pixel units) (%) ↑", "dual-opt ε=0.1 (pixel units) (%) ↑", "lp ε=0.1 (pixel units) (%) ↑"]
     raw = f"wk-small {certified['raw'][:8]}"  # no evaluation has its weights: arch and weights hash
     assert [r[0] for r in rows] == ["ibp-net (ibp)", raw]
-    shown = {n: f"{100 * a:.1f} (n=4)" for n, a in accuracy.items()}
+    shown = {n: f"{100 * a:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] (n=4)" for n, a in accuracy.items() for lo, hi in [metrics.wilson_interval(round(4 * a), 4)]}
     best = "**" if accuracy["dual"] > 0 else ""  # the trained net wins the dual column unless both are 0 (a tie: both bold)
     assert rows[0] == ["ibp-net (ibp)", f"{best}{shown['dual']}{best}", shown["dual-opt"], shown["lp"]]  # one value per column: no bold
     assert rows[1] == [raw, f"{'**' if not best else ''}{shown['raw-dual']}{'**' if not best else ''}", "—", "—"]

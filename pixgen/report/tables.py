@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass
 
+from ..metrics import wilson_interval
 from .load import ALL_ATTACKS, ATTACKS, CERTIFY_METHODS, POINT_ATTACKS, Certificate, Evaluation, chosen, defence_label, eps_index, eps_text, keys, networks, rows, threats
 from .settings import ReportConfig
 
@@ -191,7 +192,8 @@ def summary_html(evals: list[Evaluation], cols: list[Column]) -> str:
 
 CERTIFY_NOTE = (
     "Certified accuracy in %: the fraction of a class-balanced sample of n MNIST test digits (pixgen certify) "
-    "whose nine margin lower bounds over the L∞ ball of radius ε (intersected with [0, 1]) are all > 0. "
+    "whose nine margin lower bounds over the L∞ ball of radius ε (intersected with [0, 1]) are all > 0, "
+    "with its 95% Wilson interval over the n digits. "
     "Columns: the bound (dual ≤ dual-opt ≤ lp, the LP tightest; ibp is the loosest on networks not trained for it, "
     "but can beat dual on IBP-trained ones) and ε; bold: best in its column; — : no asset. "
     "A network is named by the evaluation whose weights hash matches the asset's, else by its arch and weights hash."
@@ -207,7 +209,10 @@ def certified_table(certs: list[Certificate], evals: list[Evaluation]) -> tuple[
 
 
 def _cert_text(c: Certificate | None) -> str:
-    return "—" if c is None else f"{100 * c.accuracy:.1f} (n={c.count})"
+    if c is None:
+        return "—"
+    lo, hi = wilson_interval(round(c.accuracy * c.count), c.count)
+    return f"{100 * c.accuracy:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] (n={c.count})"
 
 
 def certified_markdown(certs: list[Certificate], evals: list[Evaluation], notes: list[str] = ()) -> str:
