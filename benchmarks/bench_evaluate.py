@@ -5,8 +5,8 @@
    the result) on the same class-balanced MNIST test digits, one batch (DENT adapts to them as one
    batch). Static network: PGD-40 × 5 restarts, AutoAttack (standard), FGSM over the default grid
    (per ε); DENT (`dent`): the paper's "standard" PGD through its prediction, transfer, adaptive
-   PGD through the unrolled adaptation, the fixed-point attack and EOT over batches (20 steps each,
-   as evaluate). Where this round changed the cost, the old path runs beside it in the same process
+   APGD through the unrolled adaptation (100 steps), the fixed-point attack and EOT over batches
+   (20 steps each), as evaluate runs them. Where this round changed the cost, the old path runs beside it in the same process
    and a line `name: ours X, baseline Y, ratio R×` follows: PGD with broken digits leaving the
    batch within a restart (`compact`) against keeping them; FGSM's ε grid from one shared gradient
    (`attacks.fgsm_sweep`, as evaluate runs it) against one gradient per ε.
