@@ -1,15 +1,15 @@
 """What `pixgen evaluate` spends per attack digit, threat by threat, on a trained wk-small.
 
 1. `<defence> <attack> <threat> ε E: X ms per digit`: CPU time of each threat exactly as the
-   evaluation runs it (`pixgen.evaluate.threats`: the attack, then the defended network judging
-   the result) on the same class-balanced MNIST test digits, one batch (DENT adapts to them as one
+   evaluation runs it (`pixgen.evaluate.threats`: the attack, then the defended network judging the
+   result) on the same class-balanced MNIST test digits, one batch (DENT adapts to them as one
    batch). Static network: PGD-40 × 5 restarts, AutoAttack (standard), FGSM over the default grid
    (per ε); DENT (`dent`): the paper's "standard" PGD through its prediction, transfer, adaptive
-   APGD through the unrolled adaptation (100 steps), the fixed-point attack and EOT over batches
-   (20 steps each), as evaluate runs them. Where this round changed the cost, the old path runs beside it in the same process
-   and a line `name: ours X, baseline Y, ratio R×` follows: PGD with broken digits leaving the
-   batch within a restart (`compact`) against keeping them; FGSM's ε grid from one shared gradient
-   (`attacks.fgsm_sweep`, as evaluate runs it) against one gradient per ε.
+   APGD through the unrolled adaptation (100 steps), the fixed-point attack and EOT over batches (20
+   steps each), as evaluate runs them. Where this round changed the cost, the old path runs beside
+   it in the same process and a line `name: ours X, baseline Y, ratio R×` follows: PGD with broken
+   digits leaving the batch within a restart (`compact`) against keeping them; FGSM's ε grid from
+   one shared gradient (`attacks.fgsm_sweep`, as evaluate runs it) against one gradient per ε.
 2. `evaluate <defences>`: the wall and CPU time of a whole evaluation of the network (clean suite,
    the default FGSM and PGD grids) on the digits, and its CPU time scaled to 1,000 attack digits
    (the default attack set; the attack work is linear in the digits while DENT's batch, 128, is

@@ -10,7 +10,7 @@ returns adversarial images in the L∞ ball of radius eps around x, inside [0, 1
   it is batched with, so each step places the adversarial digits in fresh random batches of
   clean digits (a few adversarial digits per batch), and averages the gradients, through the
   adaptation, over those placements;
-- `adaptive_pgd`: APGD (Croce & Hein 2020: a step size that halves where progress stalls, and
+- `adaptive_apgd`: APGD (Croce & Hein 2020: a step size that halves where progress stalls, and
   momentum) through the unrolled adaptation (Dent.adapt(differentiable=True)) with restarts, on
   cross-entropy and on Croce & Hein's DLR loss.
 
@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from . import PixgenError
-from .attacks import LOSSES, cross_entropy
+from .attacks import LOSSES, cross_entropy, loss_and_gradient
 from .dent import Dent
 
 
@@ -69,7 +69,7 @@ def fixed_point(dent: Dent, x, y, eps: float, seed: int, rounds: int = 4, steps:
 APGD_STEPS = 100
 
 
-def adaptive_pgd(dent: Dent, x, y, eps: float, seed: int, steps: int = APGD_STEPS, restarts: int = 1, losses=("ce", "dlr"), alpha: float | None = None, from_transfer: bool = True, transfer_steps: int = 20) -> torch.Tensor:
+def adaptive_apgd(dent: Dent, x, y, eps: float, seed: int, steps: int = APGD_STEPS, restarts: int = 1, losses=("ce", "dlr"), alpha: float | None = None, from_transfer: bool = True, transfer_steps: int = 20) -> torch.Tensor:
     """APGD of `steps` through DENT's unrolled adaptation, per loss `restarts` random starts and,
     with from_transfer, one start at `transfer`'s point (PGD of `transfer_steps` steps of `alpha`;
     the same for the same seed): entropy minimisation reinforces whatever class DENT leans to,
@@ -166,14 +166,10 @@ def apgd(model, x, y, eps, steps, generator, loss, best=None, start=None) -> tor
     steps + 1 it evaluates."""
 
     def value_and_gradient(z):
-        with torch.enable_grad():  # attacks run under evaluation's no_grad too
-            z = z.detach().requires_grad_()
-            logits = model(z)
-            values = loss(logits, y)
-            grad = torch.autograd.grad(values.sum(), z)[0]
+        logits, values, grad = loss_and_gradient(model, z, y, loss)
         if best is not None:
-            best.update(z.detach(), margin(logits.detach(), y))
-        return values.detach(), grad
+            best.update(z.detach(), margin(logits, y))
+        return values, grad
 
     shape = (len(x),) + (1,) * (x.dim() - 1)
     eta = torch.full(shape, 2.0 * eps, device=x.device)

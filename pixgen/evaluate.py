@@ -162,7 +162,7 @@ def threats(setup: "Setup", defence: str, attack: str) -> dict[str, Callable]:
     out = {"standard": on(dent, **params), "transfer": on(static, **params)}
     if attack == "pgd":
         steps = setup.config.adaptive_steps
-        out["adaptive"] = at_each(lambda x, y, eps, b: adaptive.adaptive_pgd(dent, x, y, eps, attacks.stream_seed(seed, "adaptive", eps, b), transfer_steps=steps))
+        out["adaptive"] = at_each(lambda x, y, eps, b: adaptive.adaptive_apgd(dent, x, y, eps, attacks.stream_seed(seed, "adaptive", eps, b), transfer_steps=steps))
         out["fixed-point"] = at_each(lambda x, y, eps, b: adaptive.fixed_point(dent, x, y, eps, attacks.stream_seed(seed, "fixed-point", eps, b), steps=steps))
         out["eot"] = at_each(lambda x, y, eps, b: adaptive.eot_batches(dent, x, y, eps, attacks.stream_seed(seed, "eot", eps, b), pool=setup.pool, steps=steps))
     return out

@@ -13,7 +13,7 @@ from test_dent import trained
 SMALL = {
     "transfer": dict(steps=3),
     "fixed_point": dict(rounds=2, steps=3),
-    "adaptive_pgd": dict(steps=3, losses=("ce", "dlr")),
+    "adaptive_apgd": dict(steps=3, losses=("ce", "dlr")),
     "eot_batches": dict(draws=2, steps=2, per_batch=4),
 }
 
@@ -52,7 +52,7 @@ def test_through_the_adaptation_at_least_as_strong_as_transfer(net, digits, eps)
     dent = Dent(net)
     x, y = digits[0][:64], digits[1][:64]
     transfer = accuracy(dent, adaptive.transfer(dent, x, y, eps, 0, steps=10), y)
-    through = accuracy(dent, adaptive.adaptive_pgd(dent, x, y, eps, 0, steps=10), y)
+    through = accuracy(dent, adaptive.adaptive_apgd(dent, x, y, eps, 0, steps=10), y)
     fixed = accuracy(dent, adaptive.fixed_point(dent, x, y, eps, 0, rounds=2, steps=10), y)
     assert through <= transfer < accuracy(dent, x, y), (through, transfer)
     assert fixed <= transfer + 1 / 64, (fixed, transfer)  # round 0 is a transfer attack
@@ -78,10 +78,10 @@ def test_apgd_reaches_a_higher_loss_than_pgd_of_as_many_steps(net, digits, loss)
     what tells them apart (APGD's step-size halving and momentum)."""
     x, y = digits[0][:64], digits[1][:64]
     reached = {}
-    for name, attack in (("pgd", adaptive.pgd), ("apgd", adaptive.apgd)):
-        generator = torch.Generator().manual_seed(0)
-        args = (net, x, y, 0.1, 20) + ((None,) if name == "pgd" else ()) + (generator, adaptive.LOSSES[loss])
-        adv = attack(*args)
+    runs = {"pgd": lambda g: adaptive.pgd(net, x, y, 0.1, 20, None, g, adaptive.LOSSES[loss]),
+            "apgd": lambda g: adaptive.apgd(net, x, y, 0.1, 20, g, adaptive.LOSSES[loss])}  # fmt: skip
+    for name, run in runs.items():
+        adv = run(torch.Generator().manual_seed(0))
         assert (adv - x).abs().max() <= 0.1 + 1e-6 and 0 <= adv.min() and adv.max() <= 1
         with torch.no_grad():
             reached[name] = float(adaptive.LOSSES[loss](net(adv), y).mean())
