@@ -109,13 +109,13 @@ augment._train_digits(str(augment.data.data_root(None).resolve()), cfg.dataset, 
 augment.run(augment.AugmentConfig(train_size=1000, chunk=500), [sys.argv[3]], sys.argv[4] + ".warm", workers=int(sys.argv[5]))
 start = time.perf_counter()
 augment.run(cfg, [sys.argv[3]], sys.argv[4], workers=int(sys.argv[5]))
-print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print(time.perf_counter() - start, *(resource.getrusage(who).ru_maxrss / 1024 for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
 """
 
 
-def augment_in_child(tmp: Path, mixing_asset: Path, epochs: int, train_size: int, workers: int) -> tuple[float, float, float]:
-    """(seconds without loading MNIST, peak RSS MiB, MB of images per epoch on disk) of one
-    `augment.run` in a fresh process."""
+def augment_in_child(tmp: Path, mixing_asset: Path, epochs: int, train_size: int, workers: int) -> tuple[float, float, float, float]:
+    """(seconds without loading MNIST, peak RSS MiB of the process and of its largest worker
+    process, MB of images per epoch on disk) of one `augment.run` in a fresh process."""
     out = tmp / f"shards-{epochs}-{train_size}-{workers}.zarr"
     proc = subprocess.run(
         [sys.executable, "-c", _CHILD, str(epochs), str(train_size), str(mixing_asset), str(out), str(workers)],
@@ -123,9 +123,9 @@ def augment_in_child(tmp: Path, mixing_asset: Path, epochs: int, train_size: int
     )  # fmt: skip
     if proc.returncode:
         sys.exit(f"augment_in_child failed:\n{proc.stderr}")
-    seconds, rss = proc.stdout.split()
+    seconds, rss, worker_rss = proc.stdout.split()
     disk = sum(f.stat().st_size for f in (out / "images").rglob("*") if f.is_file())
-    return float(seconds), float(rss), disk / epochs / 1e6
+    return float(seconds), float(rss), float(worker_rss), disk / epochs / 1e6
 
 
 def write_mixing_asset(path: Path, pictures: np.ndarray) -> Path:
@@ -144,12 +144,13 @@ def main() -> None:
         tmp = Path(tmp)
         asset = write_mixing_asset(tmp / "mixing.zarr", mixing)
         size = 10_000
-        _, rss2, _ = augment_in_child(tmp, asset, 2, size, 2)
-        _, rss20, _ = augment_in_child(tmp, asset, 20, size, 2)
-        print(f"augment peak memory: E=2 {rss2:,.0f} MiB, E=20 {rss20:,.0f} MiB ({size:,} digits per epoch, 2 workers)")
+        _, rss2, worker2, _ = augment_in_child(tmp, asset, 2, size, 2)
+        _, rss20, worker20, _ = augment_in_child(tmp, asset, 20, size, 2)
+        print(f"augment peak memory: E=2 {rss2:,.0f} MiB, E=20 {rss20:,.0f} MiB; its largest worker: E=2 {worker2:,.0f} MiB, "
+              f"E=20 {worker20:,.0f} MiB, mostly pages shared with it by fork ({size:,} digits per epoch, 2 workers)")  # fmt: skip
         train = len(digits)  # the training split (the raw 60,000 less the validation digits)
-        seconds1, _, _ = augment_in_child(tmp, asset, 4, train, 1)
-        seconds2, _, disk = augment_in_child(tmp, asset, 4, train, 2)
+        seconds1, *_ = augment_in_child(tmp, asset, 4, train, 1)
+        seconds2, _, _, disk = augment_in_child(tmp, asset, 4, train, 2)
         n = 4 * train
         print(f"augment workers: 2 workers {n / seconds2:,.0f} img/s, 1 worker {n / seconds1:,.0f} img/s, "
               f"ratio {seconds1 / seconds2:.2f}× (4 epochs of {train:,}, written to Zarr, {disk:.1f} MB per epoch)")  # fmt: skip

@@ -3,9 +3,10 @@
 The asset holds `images` (epochs, N, 28, 28) uint8, one Zarr chunk per (epoch, chunk of samples)
 and one Dask task per chunk, plus `labels` and the MNIST `indices` (N,) of the digits. A task draws
 its chunk's PixMix choices from SeedSequence([seed, epoch, chunk]), so the bytes do not depend on
-the number of workers, the scheduler or resumes. Tasks carry only a small job description; each
-worker loads MNIST and the mixing pictures once (cached per process), so the graph stays small and
-memory stays flat however many epochs there are.
+the number of workers, the scheduler or resumes. Tasks carry only a small job description; a
+worker has MNIST and the mixing pictures once (cached per process, and inherited by the local
+workers, which are forked), so the graph stays small and memory stays flat however many epochs
+there are.
 """
 
 from __future__ import annotations

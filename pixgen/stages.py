@@ -164,8 +164,8 @@ def fractals(out, count, size, seed, points, oversample, chunk, workers, force):
 @click.option("--chunk", type=click.IntRange(1), default=AugmentConfig.chunk, help="Digits per chunk (one Zarr chunk, one Dask task).")
 @click.option("--train-size", type=click.IntRange(1), default=AugmentConfig.train_size, help="Augment a fixed class-balanced subset of this many images. Default: the whole training split.")
 @dataset_option
-@click.option("--workers", type=click.IntRange(1, os.cpu_count() or 1), default=os.cpu_count(), help="Threads of the local Dask scheduler (at most the number of cores).")
-@click.option("--scheduler", default=None, help="Address of a running Dask scheduler (e.g. tcp://10.0.0.1:8786) to use instead of local threads.")
+@click.option("--workers", type=click.IntRange(1, os.cpu_count() or 1), default=os.cpu_count(), help="Worker processes of the local Dask scheduler (at most the number of cores).")
+@click.option("--scheduler", default=None, help="Address of a running Dask scheduler (e.g. tcp://10.0.0.1:8786) to use instead of local processes.")
 @click.option("--preview", type=click.Path(dir_okay=False), default=None, help="Also save a PNG grid: rows of digits, each above its PixMix version.")
 @data_root_option
 @click.option("--force", is_flag=True, help="Replace an asset at --out made with another config or inputs.")

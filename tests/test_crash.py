@@ -98,6 +98,20 @@ def test_a_killed_stage_resumes_to_the_same_bytes(stage, point, inputs, referenc
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no lock, staging or old copy left
 
 
+@pytest.mark.slow
+def test_a_killed_worker_process_stops_the_build_in_one_line_and_it_resumes(inputs, references, tmp_path):
+    """With 2 workers the first unit runs in the parent and the rest in forked processes: unit 2
+    (of 4) dies in a worker, so the parent, not killed, must say so and exit non-zero."""
+    path = tmp_path / "augment.zarr"
+    two = command("augment", inputs, path)
+    two[two.index("--workers") + 1] = "2"
+    killed = pixgen(*two, env={"PIXGEN_FAULT": "unit2"}, check=False)
+    assert killed.returncode == 1 and "a worker process building" in killed.stderr.strip().splitlines()[-1]
+    assert json.loads((path / "zarr.json").read_text())["attributes"]["complete"] is False
+    pixgen(*two)
+    assert contents(path) == references["augment"]
+
+
 TRAIN = ["train", "--method", "pgd", "--epochs", "2", "--batch-size", "50", "--train-size", "200", "--val-size", "50", "--attack-steps", "2"]
 
 
