@@ -104,7 +104,7 @@ _CHILD = """
 import resource, sys, time
 from pixgen import augment
 cfg = augment.AugmentConfig(epochs=int(sys.argv[1]), train_size=int(sys.argv[2]), seed=0)
-augment._train_digits(str(augment.data.data_root(None).resolve()), cfg.dataset, cfg.train_size)  # time the work, not torch's import
+augment._train_digits(str(augment.data.data_root(None).resolve()), cfg.dataset, cfg.train_size)  # time the work, not MNIST's loading
 # ... nor Dask's import (a second under load) and the kernel's loading: a small run first
 augment.run(augment.AugmentConfig(train_size=1000, chunk=500), [sys.argv[3]], sys.argv[4] + ".warm", workers=int(sys.argv[5]))
 start = time.perf_counter()

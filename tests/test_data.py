@@ -27,6 +27,29 @@ def test_validation_is_the_held_out_end_of_the_training_split(data_root):
         data.load("mnist", "val", root=data_root)
 
 
+@pytest.mark.parametrize("dataset", ["mnist", "fashion-mnist"])
+def test_the_numpy_reader_gives_torchvisions_arrays(dataset, data_root):
+    from torchvision import datasets
+
+    for train in (True, False):
+        images, labels = data._load(dataset, str(data_root), train)
+        reference = getattr(datasets, data.spec(dataset).torchvision)(str(data_root), train=train)
+        assert np.array_equal(images, reference.data.numpy()) and np.array_equal(labels, reference.targets.numpy())
+        assert images.dtype == np.uint8 and labels.dtype == np.int64 and not images.flags.writeable
+
+
+def test_a_truncated_raw_file_is_one_clear_error(data_root, tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in data.RAW_FILES:
+        (raw / name).write_bytes((data_root / "MNIST" / "raw" / name).read_bytes())
+    with open(raw / "t10k-images-idx3-ubyte", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(PixgenError, match="t10k-images-idx3-ubyte is not an intact IDX file") as err:
+        data._load("mnist", str(tmp_path), False)
+    assert "\n" not in str(err.value)
+
+
 def test_root_precedence(monkeypatch, tmp_path):
     monkeypatch.setenv("PIXGEN_DATA_ROOT", str(tmp_path / "env"))
     assert data.data_root(tmp_path / "opt") == tmp_path / "opt"
