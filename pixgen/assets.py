@@ -334,8 +334,9 @@ def build(
 
     `work(unit)` computes one unit's writes; it must depend on nothing but the unit (any order,
     any process, any worker). `workers > 1` runs the first unit here and the rest on that many
-    forked processes (Dask's process scheduler); `client`, a dask.distributed Client, runs them on its cluster, whose workers must
-    see `path` (pass an absolute one). `summary(group)` gives attributes set when complete."""
+    forked processes (Dask's process scheduler); `client`, a dask.distributed Client, runs them on
+    its cluster, whose workers must see `path` (pass an absolute one). `summary(group)` gives
+    attributes set when complete."""
     path = Path(path)
     try:
         with lock(path):

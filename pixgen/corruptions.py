@@ -15,8 +15,6 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
-from skimage import feature
 
 from . import PixgenError, assets, data
 
@@ -38,6 +36,8 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
 
 def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
     """skimage.filters.gaussian's defaults (edge-replicating border, truncate 4σ), per image."""
+    from scipy import ndimage  # imported where used: every pixgen process imports this module
+
     return ndimage.gaussian_filter(x, sigma=(0.0, sigma, sigma), mode="nearest", truncate=4.0)
 
 
@@ -343,6 +343,8 @@ def zigzag(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def canny_edges(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Canny edge map (skimage, σ 1, hysteresis thresholds 0.1 and 0.2) × 255; no randomness."""
+    from skimage import feature  # imported where used: every pixgen process imports this module
+
     # skimage's canny takes a single 2-D image, so this loops over the batch.
     edges = [feature.canny(img, sigma=1.0, low_threshold=0.1, high_threshold=0.2) for img in _unit(images)]
     return np.stack(edges).astype(np.uint8) * 255

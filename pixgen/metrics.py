@@ -7,7 +7,9 @@ Every function takes numpy arrays, never a model: `probs` are softmax probabilit
 from __future__ import annotations
 
 import numpy as np
-from sklearn import metrics as skm
+
+# sklearn (0.7 s to import, with scipy.stats and pandas) is imported by the functions that use it:
+# every pixgen process imports this module through the CLI, most never need it.
 
 
 def _predictions(probs_or_classes: np.ndarray) -> np.ndarray:
@@ -93,6 +95,8 @@ def fpr_at_tpr(is_positive: np.ndarray, scores: np.ndarray, tpr: float = 0.95) -
     code takes the operating point whose recall is nearest to `tpr`, possibly below it; the two
     agree whenever an operating point reaches `tpr` exactly.)
     """
+    from sklearn import metrics as skm
+
     # Every threshold is kept: dropping collinear ones could skip the first that reaches `tpr`.
     fprs, tprs, _ = skm.roc_curve(is_positive, scores, drop_intermediate=False)
     return float(fprs[np.argmax(tprs >= tpr - 1e-12)])
@@ -105,6 +109,8 @@ def anomaly_detection(in_probs: np.ndarray, out_probs: np.ndarray) -> dict[str, 
     `aupr_1to5` the first N_in // 5 out-of-distribution samples against all N_in, the 1:5 out:in
     ratio of the outlier-exposure protocol PixMix's code follows (AUPR depends on the ratio;
     AUROC and FPR95 do not)."""
+    from sklearn import metrics as skm
+
     scores = np.concatenate([anomaly_scores(in_probs), anomaly_scores(out_probs)])
     is_out = np.concatenate([np.zeros(len(in_probs), bool), np.ones(len(out_probs), bool)])
     fifth = len(in_probs) + max(1, len(in_probs) // 5)
