@@ -117,6 +117,10 @@ def augment_in_child(tmp: Path, mixing_asset: Path, epochs: int, train_size: int
     """(seconds without loading MNIST, peak RSS MiB of the process and of its largest worker
     process, MB of images per epoch on disk) of one `augment.run` in a fresh process."""
     out = tmp / f"shards-{epochs}-{train_size}-{workers}.zarr"
+    # The earlier runs' shards still in the page cache would be written back to disk during this
+    # one, by the kernel's threads on the same 2 cores: the last run measured (2 workers) paid
+    # for the others.
+    os.sync()
     proc = subprocess.run(
         [sys.executable, "-c", _CHILD, str(epochs), str(train_size), str(mixing_asset), str(out), str(workers)],
         capture_output=True, text=True,
