@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
 from pathlib import Path
 
@@ -60,8 +61,8 @@ def _load(dataset: str, root: str, train: bool) -> tuple[np.ndarray, np.ndarray]
     prefix = "train" if train else "t10k"
     images = _read_idx(folder / f"{prefix}-images-idx3-ubyte", 3)
     labels = _read_idx(folder / f"{prefix}-labels-idx1-ubyte", 1).astype(np.int64)
-    if len(images) != len(labels) or images.shape[1:] != (spec(dataset).size,) * 2:
-        raise PixgenError(f"{folder} holds {images.shape} images for {len(labels)} labels; replace its files with the {dataset} originals")
+    if len(images) != len(labels) or images.shape[1:] != (spec(dataset).size,) * 2 or labels.max(initial=0) >= spec(dataset).classes:
+        raise PixgenError(f"{folder} holds {images.shape} images for {len(labels)} labels up to {labels.max(initial=0)}; replace its files with the {dataset} originals")
     images.setflags(write=False)
     labels.setflags(write=False)
     return images, labels
@@ -74,7 +75,7 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
     raw = np.fromfile(path, np.uint8)
     header = 4 + 4 * ndim
     sizes = tuple(int(n) for n in raw[4:header].view(">u4")) if len(raw) >= header else ()
-    if raw[:4].tolist() != [0, 0, 8, ndim] or len(raw) != header + int(np.prod(sizes)):
+    if raw[:4].tolist() != [0, 0, 8, ndim] or len(raw) != header + math.prod(sizes):
         raise PixgenError(f"{path} is not an intact IDX file of unsigned bytes with {ndim} dimension(s); replace it with the original")
     return raw[header:].reshape(sizes)
 

@@ -32,6 +32,7 @@ import yaml
 
 from . import PixgenError
 from .config import config_hash
+from .processes import die_with_parent
 from .stages import STAGES
 
 STATE = "pipeline.json"
@@ -349,7 +350,7 @@ def run_stage(args: list[str], env: dict[str, str | None]) -> int:
     environ = {**os.environ, **{k: v for k, v in env.items() if v is not None}}
     for name in [k for k, v in env.items() if v is None]:
         environ.pop(name, None)
-    return subprocess.run([sys.executable, "-m", "pixgen", *args], env=environ, preexec_fn=_die_with_parent).returncode
+    return subprocess.run([sys.executable, "-m", "pixgen", *args], env=environ, preexec_fn=die_with_parent).returncode
 
 
 def _connect(address: str):
@@ -359,16 +360,6 @@ def _connect(address: str):
         return Client(address, timeout=10)
     except (OSError, TimeoutError, ValueError) as exc:
         raise PixgenError(f"cannot reach the Dask scheduler at {address!r} ({type(exc).__name__}: {exc}); start one (dask scheduler, then dask worker ADDRESS on machines that see the same files) or drop --scheduler") from None
-
-
-def _die_with_parent() -> None:
-    """In the stage's process, before it starts: ask Linux to kill it when `pixgen run` dies, so a
-    killed pipeline never leaves a stage running beside the rerun that resumes it."""
-    import ctypes
-    import signal
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _clock(seconds: float) -> str:

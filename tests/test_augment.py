@@ -133,6 +133,33 @@ def test_resume_after_sigkill_gives_the_same_bytes(shards, fractals, tmp):
     assert assets.open_asset(out).attrs["complete"]
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+def test_a_killed_run_leaves_no_worker_process_holding_its_lock(shards, fractals, tmp):
+    out = tmp / "orphans.zarr"
+    args = [sys.executable, "-m", "pixgen", "augment", "--mixing", str(fractals), "--out", str(out), *CLI_CONFIG, "--workers", "2"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while _done_units(out) < 5 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    workers = [int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(workers) == 2 and _done_units(out) < 120, "the kill should land while the workers run"
+    deadline = time.monotonic() + 10
+    while any(map(_alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(map(_alive, workers)), "the workers outlived the killed run"
+    pixgen("augment", "--mixing", fractals, "--out", out, *CLI_CONFIG, "--workers", "2")  # the lock is free
+    assert np.array_equal(_images(out), _images(shards))
+
+
 def _mixing_like(path: Path, shape, dtype="uint8", finish=True) -> Path:
     assets.save_arrays(path, "fractals", {"shape": list(shape), "dtype": dtype}, {"images": np.zeros(shape, dtype)})
     if not finish:
