@@ -115,14 +115,20 @@ def _done_units(path: Path) -> int:
     return len(list(flags.iterdir())) if flags.is_dir() else 0
 
 
-@pytest.mark.slow
-def test_resume_after_sigkill_gives_the_same_bytes(shards, fractals, tmp):
-    out = tmp / "killed.zarr"
-    args = [sys.executable, "-m", "pixgen", "augment", "--mixing", str(fractals), "--out", str(out), *CLI_CONFIG, "--workers", "1"]
+def _started(fractals: Path, out: Path, workers: int) -> subprocess.Popen:
+    """`pixgen augment` running in the background, once it has flagged 5 units done."""
+    args = [sys.executable, "-m", "pixgen", "augment", "--mixing", str(fractals), "--out", str(out), *CLI_CONFIG, "--workers", str(workers)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while _done_units(out) < 5 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
+    return proc
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_gives_the_same_bytes(shards, fractals, tmp):
+    out = tmp / "killed.zarr"
+    proc = _started(fractals, out, workers=1)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done = _done_units(out)
@@ -143,11 +149,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.slow
 def test_a_killed_run_leaves_no_worker_process_holding_its_lock(shards, fractals, tmp):
     out = tmp / "orphans.zarr"
-    args = [sys.executable, "-m", "pixgen", "augment", "--mixing", str(fractals), "--out", str(out), *CLI_CONFIG, "--workers", "2"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while _done_units(out) < 5 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
+    proc = _started(fractals, out, workers=2)
     workers = [int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
