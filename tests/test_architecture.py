@@ -10,7 +10,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "pixgen"
 # Modules that are not stages: the tools around them and the pieces every stage may use.
 FRAME = {"cli", "pipeline", "stages", "__main__"}
-FOUNDATION = {"assets", "config", "progress"}
+FOUNDATION = {"assets", "config", "processes", "progress"}
 
 
 def module_name(path: Path) -> str:
