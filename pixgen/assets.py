@@ -382,12 +382,13 @@ def _run_units(path: str, work, todo: list[int], workers: int, client, desc: str
             return
         # The first unit here even with workers: what a unit loads lazily (data, compiled kernels:
         # 0.25 s for PixMix's) is then loaded once and inherited by the forked workers.
+        here, forked = (todo, []) if workers == 1 else (todo[:1], todo[1:])
         arrays = open_for_writing(path)
-        for unit in todo if workers == 1 else todo[:1]:
+        for unit in here:
             _do_unit(path, work, unit, arrays)
             progress.update()
-        if workers > 1 and len(todo) > 1:
-            _run_in_processes(path, work, todo[1:], workers, progress.update)
+        if forked:
+            _run_in_processes(path, work, forked, workers, progress.update)
 
 
 def _run_in_processes(path: str, work, todo: list[int], workers: int, done: Callable[[], Any]) -> None:

@@ -18,6 +18,9 @@ import numpy as np
 
 from . import PixgenError, assets, data
 
+# scipy.ndimage and skimage are imported by the functions that use them: every pixgen process
+# imports this module through the CLI, and only `pixgen corrupt` needs them.
+
 SIZE = 28
 CENTRE = (SIZE - 1) / 2  # the generator's affine ops keep pixel coordinate 13.5 fixed
 STAGE = "corrupt"
@@ -36,7 +39,7 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
 
 def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
     """skimage.filters.gaussian's defaults (edge-replicating border, truncate 4σ), per image."""
-    from scipy import ndimage  # imported where used: every pixgen process imports this module
+    from scipy import ndimage
 
     return ndimage.gaussian_filter(x, sigma=(0.0, sigma, sigma), mode="nearest", truncate=4.0)
 
@@ -343,7 +346,7 @@ def zigzag(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def canny_edges(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Canny edge map (skimage, σ 1, hysteresis thresholds 0.1 and 0.2) × 255; no randomness."""
-    from skimage import feature  # imported where used: every pixgen process imports this module
+    from skimage import feature
 
     # skimage's canny takes a single 2-D image, so this loops over the batch.
     edges = [feature.canny(img, sigma=1.0, low_threshold=0.1, high_threshold=0.2) for img in _unit(images)]
