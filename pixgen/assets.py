@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import json
 import os
 import shutil
@@ -41,6 +42,7 @@ from .processes import die_with_parent
 from .progress import bar
 
 DONE = "_done"
+UNITS_PER_DISPATCH = 4
 Writes = dict[str, tuple[Any, np.ndarray]]  # array name → (selection, data)
 
 
@@ -304,10 +306,12 @@ def open_for_writing(path: str | Path) -> dict[str, zarr.Array]:
     return {name: array.with_config({"write_empty_chunks": True}) for name, array in group.arrays()}
 
 
-def _finish(path: Path, summary: Callable[[zarr.Group], dict] | None) -> None:
+def _finish(path: Path, summary: Callable[[zarr.Group], dict] | None, reread_flags: bool) -> None:
     group = zarr.open_group(str(path), mode="r+")
-    missing = _todo(path, group.attrs["units"])
-    if missing:
+    # A local unit returns only after its flag is written to this file system; a cluster's worker
+    # could write to a disk of its own under the same path and still return, so its flags are read
+    # back. Not for local builds: through Zarr, 0.3 ms a unit (90 ms of a 280-unit augment).
+    if reread_flags and (missing := _todo(path, group.attrs["units"])):
         raise PixgenError(f"{path}: {len(missing)} units are not written yet; rerun the command to finish them")
     fault("finish")
     group.attrs.update({**(summary(group) if summary else {}), "complete": True})
@@ -350,7 +354,7 @@ def build(
                 _run_units(str(path), work, todo, workers, client, plan.stage, unit_name)
             fault("units-done")
             if not _read_attrs(path).get("complete"):
-                _finish(path, summary)
+                _finish(path, summary, reread_flags=client is not None and bool(todo))
     except OSError as exc:
         if exc.errno is None:
             raise
@@ -406,12 +410,21 @@ def _run_in_processes(path: str, work, todo: list[int], workers: int, done: Call
     pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=multiprocessing.get_context("fork"),
                                initializer=_start_worker, initargs=(path, os.getpid()))  # fmt: skip
     tasks = [dask.delayed(_do_unit_in_worker, pure=False)(work, unit) for unit in todo]
+    # Dask keeps one dispatch per worker in flight, so a worker idles while its result goes back
+    # and the next task comes; a few units per dispatch amortise that, while at least 4 dispatches
+    # per worker keep the last ones even. 4 units: 2 workers made shards 11% faster.
+    per_dispatch = max(1, min(UNITS_PER_DISPATCH, len(todo) // (4 * workers)))
+    # Python's collector in a forked worker walks the objects inherited from the parent, touching
+    # (so copying) their pages; frozen before the fork, they are skipped (the `gc` docs' advice):
+    # 7% faster with 2 workers.
+    gc.freeze()
     try:
         with Callback(posttask=lambda *_: done()):
-            dask.compute(*tasks, scheduler="processes", pool=pool, chunksize=1)  # one unit per dispatch: no idle worker at the end
+            dask.compute(*tasks, scheduler="processes", pool=pool, chunksize=per_dispatch)
     except BrokenProcessPool:
         raise PixgenError(f"a worker process building {path} stopped (killed, out of memory, or failed to start); rerun the command to resume") from None
     finally:
+        gc.unfreeze()
         pool.shutdown(cancel_futures=True)  # after a failure or Ctrl-C: units not started are dropped, running ones finish
 
 

