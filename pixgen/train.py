@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import PixgenError, assets, data, models, progress
+from . import PixgenError, assets, data, heap, models, progress
 from .config import config_hash, to_dict
 from .methods import METHODS, Step, TrainConfig
 
@@ -221,6 +221,7 @@ def _train(config: TrainConfig, out: Path, identity: dict, force: bool, train_sp
         models.save(assets.staging(out), model, {**meta, "epochs_done": 0, "history": [], "complete": False})
         assets.fault("layout")
         assets.install(out)
+    heap.keep_freed_memory()
     x, y = to_tensors(train_images, train_labels, dev)
     steps = math.ceil(len(y) / config.batch_size)
     if shards is None:
