@@ -159,7 +159,8 @@ def main() -> None:
         print(f"augment peak memory: E=2 {rss2:,.0f} MiB, E=20 {rss20:,.0f} MiB; its largest worker: E=2 {worker2:,.0f} MiB, "
               f"E=20 {worker20:,.0f} MiB, mostly pages shared with it by fork ({size:,} digits per epoch, 2 workers)")  # fmt: skip
         train = len(digits)  # the training split (the raw 60,000 less the validation digits)
-        # One pair of runs moved the ratio between 1.50× and 2.10× here: the median of alternating pairs.
+        # One pair of runs moved the ratio between 1.50× and 2.10× here: each side's median time over
+        # alternating runs.
         runs = {1: [], 2: []}
         for _ in range(ROUNDS):
             for workers, seconds in runs.items():

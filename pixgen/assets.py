@@ -310,7 +310,7 @@ def _finish(path: Path, summary: Callable[[zarr.Group], dict] | None, reread_fla
     group = zarr.open_group(str(path), mode="r+")
     # A local unit returns only after its flag is written to this file system; a cluster's worker
     # could write to a disk of its own under the same path and still return, so its flags are read
-    # back. Not for local builds: through Zarr, 0.3 ms a unit (90 ms of a 280-unit augment).
+    # back. Not for local builds: through Zarr that took 93 ms for a 280-unit augment.
     if reread_flags and (missing := _todo(path, group.attrs["units"])):
         raise PixgenError(f"{path}: {len(missing)} units are not written yet; rerun the command to finish them")
     fault("finish")
@@ -412,11 +412,12 @@ def _run_in_processes(path: str, work, todo: list[int], workers: int, done: Call
     tasks = [dask.delayed(_do_unit_in_worker, pure=False)(work, unit) for unit in todo]
     # Dask keeps one dispatch per worker in flight, so a worker idles while its result goes back
     # and the next task comes; a few units per dispatch amortise that, while at least 4 dispatches
-    # per worker keep the last ones even. 4 units: 2 workers made shards 11% faster.
+    # per worker keep the last ones even. 4 units of augment's ≈ 10 ms: 2 workers made shards 11%
+    # faster.
     per_dispatch = max(1, min(UNITS_PER_DISPATCH, len(todo) // (4 * workers)))
     # Python's collector in a forked worker walks the objects inherited from the parent, touching
-    # (so copying) their pages; frozen before the fork, they are skipped (the `gc` docs' advice):
-    # 7% faster with 2 workers.
+    # (so copying) their pages; frozen before the fork (the pool forks at its first submit, inside
+    # compute), they are skipped, as the `gc` docs advise: 7% faster with 2 workers.
     gc.freeze()
     try:
         with Callback(posttask=lambda *_: done()):

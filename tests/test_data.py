@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -89,3 +91,12 @@ def test_dataset_identity_tracks_content(data_root):
     images, labels = data.load("mnist", "test", root=data_root)
     assert data.identity(images[:100], labels[:100]) == data.identity(images[:100].copy(), labels[:100].copy())
     assert data.identity(images[:100], labels[:100]) != data.identity(images[1:101], labels[1:101])
+
+
+def test_dataset_identity_is_the_hash_recorded_in_existing_assets(data_root):
+    """The SHA-256 of the C-order bytes of images then labels, as assets made before recorded it,
+    also for strided and Fortran-order slices."""
+    images, labels = data.load("mnist", "train", data_root)
+    for im, lb in [(images[:500], labels[:500]), (images[::7], labels[::7]), (np.asfortranarray(images[:50]), labels[:50])]:
+        recorded = hashlib.sha256(np.ascontiguousarray(im).tobytes() + np.ascontiguousarray(lb).tobytes()).hexdigest()[:16]
+        assert data.identity(im, lb) == recorded

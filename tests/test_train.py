@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -96,14 +97,13 @@ def test_refuses_a_folder_that_is_not_a_model(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
-
 _FAULTS = """
 import resource, sys
 import torch
 import torch.nn.functional as F
 from pixgen import data, dual, heap, models, train
-if sys.argv[1] == "keep":
-    assert heap.keep_freed_memory()
+if sys.argv[1] == "keep" and not heap.keep_freed_memory():
+    sys.exit("mallopt refused")
 torch.set_num_threads(1)
 torch.manual_seed(0)
 images, labels = data.load("mnist", "train")
@@ -116,17 +116,27 @@ def steps(batches):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-steps(range(8))
+steps(list(range(13)) * 2)  # until the heap has grown to the steps' peak
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-steps(range(8, 13))
+steps(range(5))
 print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
 """
 
 
-def test_training_keeps_freed_memory_instead_of_faulting_it_back_in():
-    """`heap.keep_freed_memory`, which the training loop calls: dual training steps on MNIST
-    digits reuse the memory they free instead of faulting fresh pages in at every step."""
-    per_step = {how: float(subprocess.run([sys.executable, "-c", _FAULTS, how], capture_output=True, text=True, check=True).stdout)
-                for how in ("default", "keep")}  # fmt: skip
-    assert per_step["default"] > 1000, per_step
-    assert per_step["keep"] < per_step["default"] / 10, per_step
+def test_keeping_freed_memory_spares_a_dual_step_its_page_faults():
+    """`heap.keep_freed_memory`: dual training steps on MNIST digits reuse the memory they free
+    instead of faulting fresh pages in at every step."""
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+    runs = {how: subprocess.run([sys.executable, "-c", _FAULTS, how], capture_output=True, text=True, env=env) for how in ("default", "keep")}
+    if "mallopt refused" in runs["keep"].stderr:
+        pytest.skip("this C library has no mallopt or refuses its settings")
+    per_step = {how: float(run.stdout) for how, run in runs.items()}
+    assert per_step["default"] > 200, per_step  # 520–5,200 in 6 runs here
+    assert per_step["keep"] < 20, per_step  # 0.2–0.4
+
+
+def test_the_training_loop_keeps_freed_memory(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(train.heap, "keep_freed_memory", lambda: calls.append(1))
+    train.run(methods.TrainConfig(epochs=1, batch_size=50, train_size=100, val_size=100), tmp_path / "model")
+    assert calls == [1]
