@@ -112,7 +112,8 @@ model = models.build("wk-small")
 optimizer = torch.optim.Adam(model.parameters(), lr=1.5e-3)
 def steps(batches):
     for b in batches:
-        loss = F.cross_entropy(dual.bounds(model, x[b * 32 : b * 32 + 32], y[b * 32 : b * 32 + 32], 0.1, 10), y[b * 32 : b * 32 + 32])
+        xs, ys = x[b * 32 : (b + 1) * 32], y[b * 32 : (b + 1) * 32]
+        loss = F.cross_entropy(dual.bounds(model, xs, ys, 0.1, 10), ys)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -126,7 +127,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
 def test_keeping_freed_memory_spares_a_dual_step_its_page_faults():
     """`heap.keep_freed_memory`: dual training steps on MNIST digits reuse the memory they free
     instead of faulting fresh pages in at every step."""
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD") and not k.startswith("MALLOC_")}
     runs = {how: subprocess.run([sys.executable, "-c", _FAULTS, how], capture_output=True, text=True, env=env) for how in ("default", "keep")}
     if "mallopt refused" in runs["keep"].stderr:
         pytest.skip("this C library has no mallopt or refuses its settings")
