@@ -83,9 +83,10 @@ def bounds(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: float, p
     layers = _check(model)
     shapes = [_channels_last(s) for s in _shapes(layers, x)]
     weights = _weights(layers, shapes)
-    # Copied to (H, W, C) strides: a permuted one-channel map passes as contiguous with the channel
-    # stride of W, the projected rows inherit it, and oneDNN's weight gradient of the first conv
-    # then took 9.2 against 0.9 ms a block (a dual step's backward pass: 113 against 94 ms).
+    # Copied to (H, W, C) strides: torch counts a permuted one-channel map as contiguous whatever
+    # its channel stride (here a row's), the projected rows inherit that stride, and oneDNN's weight
+    # gradient of the first conv then took 9.2 against 0.9 ms a block (a dual step's backward
+    # pass: 113 against 94 ms).
     lo, hi = (side.permute(0, 2, 3, 1).clone(memory_format=torch.contiguous_format) for side in ((x - eps).clamp(min=0), (x + eps).clamp(max=1)))
     if projections:
         if projections >= x[0].numel():

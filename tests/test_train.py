@@ -117,10 +117,11 @@ def steps(batches):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-steps(list(range(13)) * 2)  # until the heap has grown to the steps' peak
+batches = list(range(13)) * 2
+steps(batches)  # until the heap has grown to the steps' peak
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-steps(list(range(13)) * 2)  # by default some steps fault thousands of pages and some none: 5 steps averaged 113–6,234
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 26)
+steps(batches)  # by default some steps fault thousands of pages and some none: 5 steps averaged 113–6,234
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / len(batches))
 """
 
 
