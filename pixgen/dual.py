@@ -343,10 +343,16 @@ def _windowed_part(layers, stop, steps, relus, shapes, centre, radius):
         layer = layers[j]
         if isinstance(layer, nn.ReLU):
             d, low = relus[j]
-            lam = lam * windows(d)[:, :, None]
-            low = windows(low)
-            lin = lin - dot(lam, low) / 2
-            abs_ = abs_ - dot(lam.abs(), low) / 2
+            if lam.shape[:2] == (1, 1):  # rows shared by the batch: both sums are products of them with d·l (d ≥ 0), not over the scaled rows
+                rows, scaled = lam.flatten(3)[0, 0], windows(d * low).flatten(2)
+                lin = lin - scaled.matmul(rows.t()) / 2
+                abs_ = abs_ - scaled.matmul(rows.abs().t()) / 2
+                lam = lam * windows(d)[:, :, None]
+            else:
+                lam = lam * windows(d)[:, :, None]
+                low = windows(low)
+                lin = lin - dot(lam, low) / 2
+                abs_ = abs_ - dot(lam.abs(), low) / 2
             continue
         if layer.bias is not None:
             lin = lin + lam.sum((-2, -1)).matmul(layer.bias)
