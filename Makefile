@@ -38,6 +38,7 @@ test: install
 	$(BIN)/pytest -q --durations=15
 
 bench: install
+	@$(BIN)/python benchmarks/machine.py
 	@for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done
 
 clean:
