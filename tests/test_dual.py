@@ -82,6 +82,18 @@ def test_exact_bound_in_float64_equals_the_library():
         torch.testing.assert_close(ours, _library(model, x.double(), y, 0.1), rtol=1e-10, atol=1e-10 * float(ours.abs().max()))
 
 
+@pytest.mark.parametrize("build", [lambda: models.build("wk-small"), _odd_convs])
+def test_exact_bound_does_not_depend_on_its_chunks(build, monkeypatch):
+    """The exact passes run in chunks of at most CHUNK_FLOATS: chunks of one digit (the windows)
+    and one unit (the rows on whole maps) give the bound of a single chunk."""
+    x, y = _digits("test", 200, 6)
+    model = _seeded(build, 5)
+    with torch.no_grad():
+        whole = dual.bounds(model, x, y, 0.1)
+        monkeypatch.setattr(dual, "CHUNK_FLOATS", 1)
+        _close(dual.bounds(model, x, y, 0.1), whole)
+
+
 def test_dilated_grouped_convs_bound_as_their_dense_equivalents():
     """The library's dual convs ignore dilation and groups, so the reference here is the same net
     with each such kernel spelled out densely: zeros between the taps, zeros off the group blocks."""
