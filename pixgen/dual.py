@@ -343,13 +343,13 @@ def _windowed_part(layers, stop, steps, relus, shapes, centre, radius):
         layer = layers[j]
         if isinstance(layer, nn.ReLU):
             d, low = relus[j]
-            if lam.shape[:2] == (1, 1):  # rows shared by the batch: both sums are products of them with d·l (d ≥ 0), not over the scaled rows
-                rows, scaled = lam.flatten(3)[0, 0], windows(d * low).flatten(2)
-                lin = lin - scaled.matmul(rows.t()) / 2
-                abs_ = abs_ - scaled.matmul(rows.abs().t()) / 2
-                lam = lam * windows(d)[:, :, None]
+            shared = lam.flatten(3)[0, 0] if lam.shape[:2] == (1, 1) else None
+            lam = lam * windows(d)[:, :, None]
+            if shared is not None:  # rows the batch shares: both sums are their products with d·l (d ≥ 0), no pass over the scaled rows
+                scaled = windows(d * low).flatten(2)
+                lin = lin - scaled.matmul(shared.t()) / 2
+                abs_ = abs_ - scaled.matmul(shared.abs().t()) / 2
             else:
-                lam = lam * windows(d)[:, :, None]
                 low = windows(low)
                 lin = lin - dot(lam, low) / 2
                 abs_ = abs_ - dot(lam.abs(), low) / 2
