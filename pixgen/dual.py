@@ -287,23 +287,23 @@ def _windowed(layers, stop, relus, shapes, centre, radius):
     C units at one position start as the identity, shared by the batch and the positions."""
     height, width, channels = shapes[stop]
     batch = centre.shape[0]
-    steps = _window_steps(layers, stop, centre)
-    widest = max(channels, *(step[0].shape[1] for step in steps.values()))
+    maps = _window_maps(layers, stop, centre)
+    widest = max(channels, *(window_t.shape[1] for window_t, *_ in maps.values()))
     step = max(1, CHUNK_FLOATS // (height * width * channels * widest))
     parts = []
     for s in range(0, batch, step):
         relus_part = {j: (d[s : s + step], low[s : s + step]) for j, (d, low) in relus.items() if j < stop}
-        parts.append(_windowed_part(layers, stop, steps, relus_part, shapes, centre[s : s + step], radius[s : s + step]))
+        parts.append(_windowed_part(layers, stop, maps, relus_part, shapes, centre[s : s + step], radius[s : s + step]))
     lin = torch.cat([p[0] for p in parts])
     abs_ = torch.cat([p[1] for p in parts])
     return (t.reshape(len(t), height, width, channels) for t in (lin, abs_))
 
 
-def _window_steps(layers, stop, like):
+def _window_maps(layers, stop, like):
     """For each conv below layers[stop], walked down from it: (Wᵀ from its output window to its
     input window as one matrix, the input window's size, stride and padding on the input map).
     A GEMM by this matrix beats oneDNN's transposed conv on many tiny images several times over."""
-    steps = {}
+    maps = {}
     size, stride, pad = (1, 1), (1, 1), (0, 0)
     for j in range(stop - 1, -1, -1):
         layer = layers[j]
@@ -315,11 +315,11 @@ def _window_steps(layers, stop, like):
         size = tuple((sz - 1) * s_ + dl * (kk - 1) + 1 for sz, s_, dl, kk in zip(size, st, dil, k))
         stride = tuple(a * c for a, c in zip(stride, st))
         pad = tuple(a * c + q for a, c, q in zip(pad, st, pd))
-        steps[j] = window_t, size, stride, pad
-    return steps
+        maps[j] = window_t, size, stride, pad
+    return maps
 
 
-def _windowed_part(layers, stop, steps, relus, shapes, centre, radius):
+def _windowed_part(layers, stop, maps, relus, shapes, centre, radius):
     height, width, channels = shapes[stop]
     batch = centre.shape[0]
     eye = torch.eye(channels, dtype=centre.dtype, device=centre.device)
@@ -356,7 +356,7 @@ def _windowed_part(layers, stop, steps, relus, shapes, centre, radius):
             continue
         if layer.bias is not None:
             lin = lin + lam.sum((-2, -1)).matmul(layer.bias)
-        window_t, size, stride, pad = steps[j]
+        window_t, size, stride, pad = maps[j]
         lam = lam.flatten(3).matmul(window_t).reshape(*lam.shape[:3], layer.in_channels, *size)
         if j > 0 and not isinstance(layers[j - 1], nn.ReLU):  # conv on conv: drop what falls on padding
             lam = lam * windows(torch.ones(1, *shapes[j], dtype=lam.dtype, device=lam.device))[:, :, None]
