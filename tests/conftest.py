@@ -44,6 +44,14 @@ def pixgen(*args: str, check: bool = True, env: dict | None = None, **kwargs) ->
     return proc
 
 
+def done_units(asset: Path) -> int:
+    """How many units an asset has flagged done, counted from the flag chunks on disk so that it can be
+    polled while a run writes. Zarr writes a chunk as `<key>.<uuid>.partial` and renames it into
+    place; a temporary seen before its rename is not yet a flag."""
+    flags = asset / "_done" / "c"
+    return sum(p.name.isdigit() for p in flags.iterdir()) if flags.is_dir() else 0
+
+
 @pytest.fixture(scope="session")
 def cluster_address():
     """The address of a local Dask cluster of 2 single-threaded worker processes (tests/_cluster.py),

@@ -17,7 +17,7 @@ import zarr
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import pixgen
+from conftest import done_units, pixgen
 from pixgen import assets, augment, data, pixmix
 from pixgen.cli import cli
 
@@ -110,17 +110,12 @@ def test_same_bytes_on_a_distributed_cluster(shards, fractals, tmp, cluster_addr
     assert np.array_equal(_images(out), _images(shards))
 
 
-def _done_units(path: Path) -> int:
-    flags = path / assets.DONE / "c"
-    return len(list(flags.iterdir())) if flags.is_dir() else 0
-
-
 def _started(fractals: Path, out: Path, workers: int) -> subprocess.Popen:
     """`pixgen augment` running in the background, once it has flagged 5 units done."""
     args = [sys.executable, "-m", "pixgen", "augment", "--mixing", str(fractals), "--out", str(out), *CLI_CONFIG, "--workers", str(workers)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while _done_units(out) < 5 and proc.poll() is None and time.monotonic() < deadline:
+    while done_units(out) < 5 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     return proc
 
@@ -131,7 +126,7 @@ def test_resume_after_sigkill_gives_the_same_bytes(shards, fractals, tmp):
     proc = _started(fractals, out, workers=1)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = _done_units(out)
+    done = done_units(out)
     assert 5 <= done < 120, f"the kill should land mid-run ({done} of 120 units done)"
     assert not zarr.open_group(str(out), mode="r").attrs["complete"]
     pixgen("augment", "--mixing", fractals, "--out", out, *CLI_CONFIG, "--workers", "2")
@@ -153,7 +148,7 @@ def test_a_killed_run_leaves_no_worker_process_holding_its_lock(shards, fractals
     workers = [int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert len(workers) == 2 and _done_units(out) < 120, "the kill should land while the workers run"
+    assert len(workers) == 2 and done_units(out) < 120, "the kill should land while the workers run"
     deadline = time.monotonic() + 10
     while any(map(_alive, workers)) and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -16,7 +16,7 @@ import zarr
 from pixgen import fractals
 from pixgen.fractals import FractalConfig
 
-from conftest import pixgen
+from conftest import done_units, pixgen
 
 SMALL = dict(count=40, chunk=16, points=20_000)
 CLI_SMALL = ["--count", "40", "--chunk", "16", "--points", "20000"]
@@ -156,9 +156,8 @@ def test_resume_after_sigkill_gives_the_same_bytes(tmp_path):
     options = ["--count", "1600", "--chunk", "100", "--points", "50000"]
     out = tmp_path / "killed.zarr"
     proc = subprocess.Popen([sys.executable, "-m", "pixgen", "fractals", "--out", str(out), *options, "--workers", "1"])
-    flags = out / "_done" / "c"
     deadline = time.monotonic() + 60
-    while not (flags.is_dir() and any(flags.iterdir())):
+    while not done_units(out):
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before a unit was done"
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)

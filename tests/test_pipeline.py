@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, pixgen
+from conftest import REPO, done_units, pixgen
 from pixgen import PixgenError, assets, pipeline
 
 SMOKE = REPO / "pipelines" / "smoke.yaml"
@@ -163,7 +163,7 @@ def test_a_killed_run_takes_its_stage_with_it_and_a_rerun_finishes(tmp_path):
     root = tmp_path / "root"
     run = subprocess.Popen([sys.executable, "-m", "pixgen", "run", str(path), "--root", str(root)], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     lock, deadline = root / ".fractals.zarr.lock", time.monotonic() + 120
-    while not (lock.exists() and lock.read_text().startswith("pid ") and any((root / "fractals.zarr" / "_done").rglob("c/*"))):
+    while not (lock.exists() and lock.read_text().startswith("pid ") and done_units(root / "fractals.zarr")):
         assert run.poll() is None and time.monotonic() < deadline, "the stage never got going"
         time.sleep(0.05)
     stage = int(lock.read_text().split()[1])
