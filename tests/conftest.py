@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from pixgen import assets
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
@@ -48,7 +50,7 @@ def done_units(asset: Path) -> int:
     """How many units an asset has flagged done, counted from the flag chunks on disk so that it can be
     polled while a run writes. Zarr writes a chunk as `<key>.<uuid>.partial` and renames it into
     place; a temporary seen before its rename is not yet a flag."""
-    flags = asset / "_done" / "c"
+    flags = asset / assets.DONE / "c"
     return sum(p.name.isdigit() for p in flags.iterdir()) if flags.is_dir() else 0
 
 
