@@ -115,9 +115,10 @@ def test_certificate_is_sound_against_pgd_with_restarts(dual_model):
 
 def test_pgd_resume_after_sigkill_gives_the_same_weights(tmp):
     killed, whole = tmp / "killed", tmp / "whole"
-    args = ["train", "--method", "pgd", "--epochs", "2", "--eps", "0.1", "--attack-steps", "2", "--train-size", "400", "--val-size", "50", "--batch-size", "50"]
+    # 3 epochs: the last two (≈ 0.3 s each) leave the poll time to kill the run before it ends
+    args = ["train", "--method", "pgd", "--epochs", "3", "--eps", "0.1", "--attack-steps", "2", "--train-size", "400", "--val-size", "50", "--batch-size", "50"]
     _kill_after_first_epoch([*args, "--out", killed])
-    assert not _meta(killed)["complete"]
+    assert not _meta(killed)["complete"], "the run ended before it was killed"
     assert "resuming" in pixgen(*args, "--out", killed).stderr
     pixgen(*args, "--out", whole)
     a, b = _weights(killed), _weights(whole)
