@@ -24,6 +24,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from packaging import tags
+from packaging.utils import parse_wheel_filename
+
 from pixgen import data
 
 # pixgen's dependencies (and theirs) missing from the machine's image, whose package list the device
@@ -41,12 +44,23 @@ TRIMMED = {"pyautoattack": "pyautoattack/examples/"}
 
 
 def fetch(requirement: str, python: str, folder: Path) -> None:
-    """A wheel for the machine's Python, else one built here from the sdist (pure Python ones)."""
+    """A wheel for the machine's Python, else one built here from the sdist (convex-adversarial
+    has no wheel); `check` then refuses any wheel that the machine's Python cannot install."""
     platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
     pip = [sys.executable, "-m", "pip", "-q"]
     binary = [*pip, "download", "--no-deps", "--only-binary=:all:", "--python-version", python, "--implementation", "cp", *platforms, "-d", str(folder), requirement]
-    if subprocess.run(binary, capture_output=True).returncode != 0:
+    found = subprocess.run(binary, capture_output=True, text=True)
+    if found.returncode != 0:
+        print(f"{requirement}: no wheel for Python {python} ({found.stderr.strip().splitlines()[-1]}); building one from its sdist", flush=True)
         subprocess.run([*pip, "wheel", "--no-deps", "-w", str(folder), requirement], check=True)
+
+
+def check(wheel: Path, python: str) -> None:
+    """Exits unless one of the wheel's tags installs on that CPython on x86-64 Linux."""
+    version = tuple(int(p) for p in python.split("."))
+    accepted = {*tags.cpython_tags(version, platforms=PLATFORMS), *tags.compatible_tags(version, platforms=PLATFORMS)}
+    if not parse_wheel_filename(wheel.name)[3] & accepted:
+        sys.exit(f"{wheel.name} does not install on CPython {python} (x86-64 Linux): find a wheel for it, or drop the package")
 
 
 def trim(wheel: Path, prefix: str) -> None:
@@ -76,6 +90,7 @@ def main() -> None:
         for name in MISSING:
             fetch(f"{name}=={importlib.metadata.version(name)}", args.python, Path(tmp))
         for wheel in Path(tmp).glob("*.whl"):
+            check(wheel, args.python)
             prefix = next((p for n, p in TRIMMED.items() if wheel.name.startswith(n + "-")), None)
             if prefix:
                 trim(wheel, prefix)
