@@ -51,7 +51,7 @@ def fetch(requirement: str, python: str, folder: Path) -> None:
     binary = [*pip, "download", "--no-deps", "--only-binary=:all:", "--python-version", python, "--implementation", "cp", *platforms, "-d", str(folder), requirement]
     found = subprocess.run(binary, capture_output=True, text=True)
     if found.returncode != 0:
-        print(f"{requirement}: no wheel for Python {python} ({found.stderr.strip().splitlines()[-1]}); building one from its sdist", flush=True)
+        print(f"{requirement}: no wheel for Python {python} ({(found.stderr.strip().splitlines() or ['pip said nothing'])[-1]}); building one from its sdist", flush=True)
         subprocess.run([*pip, "wheel", "--no-deps", "-w", str(folder), requirement], check=True)
 
 
