@@ -3,7 +3,7 @@ benchmarks/gpu/check.sh (issue 22, goal 5; docs/benchmarks.md, "On a GPU"):
 
 - `.gpu/wheels/`: the packages pixgen needs that the machine's image lacks, at the versions of the
   environment running this script (the ones the tests passed with), for the machine's Python;
-  pyautoattack without its 43 MB example model, which pixgen never loads;
+  pyautoattack without its 45 MB example model, which pixgen never loads;
 - `.gpu/data/`: the raw files of MNIST and of its OOD set, Fashion-MNIST, from the data root,
   gzipped (110 MB → 41 MB).
 
