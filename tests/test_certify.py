@@ -164,6 +164,15 @@ def test_certify_command_writes_a_resumable_asset(ibp_model, tmp):
     assert again.exit_code == 1 and "another config" in again.output
 
 
+def test_certify_keeps_freed_memory(ibp_model, tmp, monkeypatch):
+    """The library's dual pass reallocates freed tensors; certify keeps them in the heap
+    (`heap.keep_freed_memory`, whose effect on page faults tests/test_train.py measures)."""
+    calls = []
+    monkeypatch.setattr(certify.heap, "keep_freed_memory", lambda: calls.append(1))
+    certify.run(certify.CertifyConfig(eps=EPS, method="ibp", count=2), ibp_model, tmp / "kept.zarr")
+    assert calls == [1]
+
+
 @pytest.fixture(scope="module")
 def odd_models(tmp) -> dict[str, Path]:
     folders = {}
