@@ -82,7 +82,8 @@ def alternate(time_side, sides, x, y, per_round: int) -> dict[str, float]:
 def main() -> None:
     torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
     # As `pixgen train` runs both bounds: without it each side faults its freed memory back in,
-    # page by page, the library more (exact bound 6.8–7.6× against 3.5× with it, 2 December).
+    # page by page, the library more (exact bound 6.8–7.6×; with it 3.5×, though in about half the
+    # runs the library still faults and gives 5–9×: docs/benchmarks.md, 2 December).
     heap.keep_freed_memory()
     warnings.filterwarnings("ignore", message="ReLU projection has no origin crossing")
     bounds = {"ours": ours, "library": library}

@@ -132,6 +132,7 @@ def run(config: CertifyConfig, model_dir: str | Path, out: str | Path, data_root
 
     # The library's float64 dual pass frees and reallocates large tensors at every layer: `pixgen
     # certify --method dual` on 100 digits of a dual-trained wk-small faulted 3.9 million pages in
-    # and took 14.8–16.6 s against 0.4 million and 9.8–9.9 s with freed memory kept (2 December).
+    # and took 14.8–16.6 s against 0.4 million and 7.1–10.9 s with freed memory kept (15 of 16 runs;
+    # docs/benchmarks.md, 2 December).
     heap.keep_freed_memory()
     return assets.build(out, plan, work, force=force, summary=summary)
