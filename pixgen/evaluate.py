@@ -71,7 +71,8 @@ class EvalConfig:
     batch_size: int = 250  # the static network's batches; DENT uses its own
     seed: int = 0
     dent: DentConfig = field(default_factory=DentConfig)
-    adaptive_steps: int = 20  # steps of the fixed-point and EOT attacks on DENT (adaptive APGD: 100)
+    adaptive_steps: int = 20  # steps of the fixed-point and EOT attacks on DENT
+    adaptive_apgd_steps: int = adaptive.APGD_STEPS
     max_shift: int = 2
     certify_size: int = 1000
     eps_units: str = "pixel"
@@ -100,7 +101,7 @@ class EvalConfig:
         for name, eps in self.attacks:
             if not eps or any(not 0 <= e <= top for e in eps) or list(eps) != sorted(set(eps)):
                 raise PixgenError(f"{name}'s ε must be increasing budgets {allowed}, got {', '.join(map(str, eps)) or '(none)'}")
-        for name in ("batch_size", "certify_size", "max_shift", "pgd_restarts", "adaptive_steps"):
+        for name in ("batch_size", "certify_size", "max_shift", "pgd_restarts", "adaptive_steps", "adaptive_apgd_steps"):
             if getattr(self, name) < 1:
                 raise PixgenError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         for name in ("test_size", "attack_size"):
@@ -162,7 +163,8 @@ def threats(setup: "Setup", defence: str, attack: str) -> dict[str, Callable]:
     out = {"standard": on(dent, **params), "transfer": on(static, **params)}
     if attack == "pgd":
         steps = setup.config.adaptive_steps
-        out["adaptive"] = at_each(lambda x, y, eps, b: adaptive.adaptive_apgd(dent, x, y, eps, attacks.stream_seed(seed, "adaptive", eps, b), transfer_steps=steps))
+        apgd_steps = setup.config.adaptive_apgd_steps
+        out["adaptive"] = at_each(lambda x, y, eps, b: adaptive.adaptive_apgd(dent, x, y, eps, attacks.stream_seed(seed, "adaptive", eps, b), steps=apgd_steps, transfer_steps=steps))
         out["fixed-point"] = at_each(lambda x, y, eps, b: adaptive.fixed_point(dent, x, y, eps, attacks.stream_seed(seed, "fixed-point", eps, b), steps=steps))
         out["eot"] = at_each(lambda x, y, eps, b: adaptive.eot_batches(dent, x, y, eps, attacks.stream_seed(seed, "eot", eps, b), pool=setup.pool, steps=steps))
     return out
