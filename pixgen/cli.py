@@ -76,12 +76,13 @@ def run_pipeline(pipeline_file, run_root, dry_run, jobs, scheduler, data_root):
     """Run a pipeline file's stages, each cached: a second run does nothing."""
     from . import pipeline
 
-    click.echo(f"output: {pipeline.run(pipeline_file, run_root or home() / Path(pipeline_file).stem, data_root, dry_run, jobs, scheduler)}")
+    click.echo(f"output: {pipeline.run(pipeline_file, run_root or home() / Path(pipeline_file).stem, main, data_root, dry_run, jobs, scheduler)}")
 
 
 for spec in STAGES.values():
     cli.add_command(spec.command)
 
 
-def main():
-    cli(prog_name="pixgen")
+def main(args: list[str] | None = None):
+    """The CLI on `args`, else on the command line; exits with the command's code."""
+    cli(args, prog_name="pixgen")
