@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import functools
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import subprocess
 import threading
@@ -38,16 +38,20 @@ import yaml
 
 from . import PixgenError
 from .config import config_hash
-from .processes import die_with, die_with_parent
+from .processes import die_with_parent, die_with_starter
 from .stages import STAGES
 
 STATE = "pipeline.json"
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 RESERVED = {"out", "force", "data-root", "help"}  # the pipeline sets these itself
-# What the stage server imports once for every stage it forks: pixgen's commands, and the libraries
-# they import only where used (scikit-learn's metrics in evaluations, torchattacks there and in PGD
-# training, matplotlib in the report), 0.3–1.3 s each that a stage would otherwise spend.
-STAGE_SERVER_PRELOAD = ["pixgen.cli", "sklearn.metrics", "torchattacks", "matplotlib.figure", "matplotlib.backends.backend_agg"]
+# What the stage server imports once for every stage it forks, besides the CLI: the libraries the
+# commands import only where used (scikit-learn's metrics in evaluations, torchattacks there and in
+# PGD training, matplotlib in the report), 0.3–1.3 s each that a stage would otherwise spend.
+STAGE_SERVER_PRELOAD = ["sklearn.metrics", "torchattacks", "matplotlib.figure", "matplotlib.backends.backend_agg"]
+# Python 3.11's forkserver processes poll their exit status unsafely across threads (CPython
+# gh-130895): Process.start() polls every running child, and racing a join of one that has just
+# ended, it can take that stage's exit code for 255. Starts and joins take turns.
+_POLLING = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -363,31 +367,32 @@ def run_stage(args: list[str], env: dict[str, str | None]) -> int:
 
 
 def _fork_stage(main: Callable[[list[str]], None], args: list[str], env: dict[str, str | None]) -> int:
-    """`main(args)` in a process forked from the stage server (this run's environment, updated by
-    `env`); its exit code, negative for a signal as subprocess gives it."""
-    process = _stage_server().Process(target=_stage_process, args=(main, args, env, os.getpid()), name=f"pixgen {args[0]}")
-    process.start()
-    process.join()
+    """`main(args)` in a process forked from the stage server, with this process's environment
+    updated by `env`; its exit code, negative for a signal as subprocess gives it."""
+    process = _stage_server(main).Process(target=_stage_process, args=(main, args, _environment(env)), name=f"pixgen {args[0]}")
+    with _POLLING:
+        process.start()
+    multiprocessing.connection.wait([process.sentinel])
+    with _POLLING:
+        process.join()
     return process.exitcode
 
 
-@functools.cache
-def _stage_server() -> multiprocessing.context.BaseContext:
-    # A forkserver, not a fork of this process: this one runs threads (the pool, Dask's client),
-    # and a fork copies whatever locks they hold. Its thread settings are this run's, as a fresh
-    # process's would be: it starts with this process's environment.
+def _stage_server(main: Callable[[list[str]], None]) -> multiprocessing.context.BaseContext:
+    # A forkserver, not a fork of this process, which runs threads (the stage pool) whose locks a
+    # fork would copy; the server's only other threads are numpy's and scipy's OpenBLAS pools, which
+    # OpenBLAS shuts down before a fork and restarts after. One per process, started by its first stage with this process's environment:
+    # what is read at import (OpenMP's and OpenBLAS's thread counts) is read then.
     server = multiprocessing.get_context("forkserver")
-    server.set_forkserver_preload(STAGE_SERVER_PRELOAD)
+    server.set_forkserver_preload([main.__module__, *STAGE_SERVER_PRELOAD])
     return server
 
 
-def _stage_process(main: Callable[[list[str]], None], args: list[str], env: dict[str, str | None], runner: int) -> None:
-    # The stage server, not the run, is this process's parent, and it outlives a killed run while
-    # any stage holds its pipe, so the stage watches the run itself.
-    die_with(runner)
-    environ = _environment(env)
+def _stage_process(main: Callable[[list[str]], None], args: list[str], environ: dict[str, str]) -> None:
+    die_with_starter()
     os.environ.clear()
     os.environ.update(environ)
+    sys.argv = ["pixgen", *args]
     main(args)
 
 

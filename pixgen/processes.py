@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
+import multiprocessing.connection
 import os
-import select
 import signal
 import threading
 
@@ -20,17 +21,17 @@ def die_with_parent(parent: int | None = None) -> None:
         os._exit(1)
 
 
-def die_with(pid: int) -> None:
-    """In a process whose parent is not the one it serves (a pipeline's stage, forked by the stage
-    server on behalf of `pixgen run`): kill it (SIGKILL) as soon as process `pid` exits, or now if
-    that process has already exited. A daemon thread waits on a pidfd of `pid`."""
-    try:
-        handle = os.pidfd_open(pid)
-    except ProcessLookupError:
-        os._exit(1)
+def die_with_starter() -> None:
+    """In a child that multiprocessing's forkserver forked on behalf of another process (a
+    pipeline's stage, for `pixgen run`): kill it (SIGKILL) as soon as that process exits, or now if
+    it already has. Its parent, the forkserver, outlives a killed run while any of its children
+    holds the run's pipe, so die_with_parent would not fire; the pipe multiprocessing keeps open
+    from the starting process (its `parent_process()` sentinel) closes when that process dies, and a
+    daemon thread waits for that."""
+    sentinel = multiprocessing.parent_process().sentinel
 
     def watch() -> None:
-        select.select([handle], [], [])  # readable once the process has exited, zombie or reaped
+        multiprocessing.connection.wait([sentinel])
         os.kill(os.getpid(), signal.SIGKILL)
 
-    threading.Thread(target=watch, name=f"die-with-{pid}", daemon=True).start()
+    threading.Thread(target=watch, name="die-with-starter", daemon=True).start()
