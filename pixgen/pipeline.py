@@ -10,7 +10,7 @@ of everything downstream, and of nothing else.
 Each stage runs the real CLI's command in a process of its own, so it is exactly what a user would
 type (`pixgen run --dry-run` prints the commands). Those processes are forked from a stage server
 (multiprocessing's forkserver) that has imported pixgen once, rather than started afresh: a fresh
-interpreter spends 2.5–4 s importing torch and the rest, more than many a small stage's work. On a
+interpreter spends 2.5–3.9 s importing torch and the rest, more than many a small stage's work. On a
 Dask cluster each stage is a fresh `python -m pixgen` on its worker. A stage is recorded only after
 its command exits 0; the commands resume their own half-written assets, so rerunning after a
 failure or a kill continues from the stage that stopped.
@@ -274,9 +274,8 @@ def run(path: str | Path, root: str | Path, main: Callable[[list[str]], None], d
     """Run every stage whose key is not recorded as finished, up to `jobs` at a time (each as soon
     as the stages it reads are done); return the root. `main` is the CLI's entry point, which a
     stage's process runs on the stage's command line (handed in: the pipeline never imports the
-    CLI, which imports it). With `scheduler` (a Dask distributed
-    scheduler's address) each stage's process runs on a worker of that cluster, `jobs` defaulting to
-    its thread count; the workers must see this machine's paths. A failure lets the running stages
+    CLI, which imports it). With `scheduler` (a Dask distributed scheduler's address) each stage's
+    process runs on a worker of that cluster, `jobs` defaulting to its thread count; the workers must see this machine's paths. A failure lets the running stages
     finish, starts no other, and is reported; a rerun continues from there, whatever `jobs` or the
     scheduler was."""
     if jobs is not None and jobs < 1:
@@ -381,8 +380,9 @@ def _fork_stage(main: Callable[[list[str]], None], args: list[str], env: dict[st
 def _stage_server(main: Callable[[list[str]], None]) -> multiprocessing.context.BaseContext:
     # A forkserver, not a fork of this process, which runs threads (the stage pool) whose locks a
     # fork would copy; the server's only other threads are numpy's and scipy's OpenBLAS pools, which
-    # OpenBLAS shuts down before a fork and restarts after. One per process, started by its first stage with this process's environment:
-    # what is read at import (OpenMP's and OpenBLAS's thread counts) is read then.
+    # OpenBLAS shuts down before a fork and restarts after. One per process, started by its first
+    # stage with this process's environment: what is read at import (OpenMP's and OpenBLAS's thread
+    # counts) is read then.
     server = multiprocessing.get_context("forkserver")
     server.set_forkserver_preload([main.__module__, *STAGE_SERVER_PRELOAD])
     return server
